@@ -1,0 +1,77 @@
+//! Cache key derivation, in one place: each key is a serialized struct hashed with blake3.
+//! Golden tests pin the digests so a key cannot change by accident; bump the version when it
+//! should.
+
+use serde::Serialize;
+
+use crate::record::canonical_hash;
+
+/// The bucket LLM calls are stored in; its suffix follows [`CALL_KEY_VERSION`].
+pub const CALLS_BUCKET: &str = "calls-v1";
+pub const CALL_KEY_VERSION: u32 = 1;
+
+/// Everything that decides an LLM call's answer. The request body holds the model, the
+/// messages, the sampling parameters and the output schema; secrets are never part of it
+/// (they travel in headers, which are not part of the key).
+#[derive(Serialize)]
+pub struct CallKey<'a> {
+    pub key_version: u32,
+    /// Provider kind, e.g. `openai`.
+    pub provider: &'a str,
+    /// The endpoint URL the request goes to.
+    pub endpoint: &'a str,
+    /// The exact JSON request body.
+    pub body: &'a serde_json::Value,
+}
+
+impl CallKey<'_> {
+    pub fn digest(&self) -> blake3::Hash {
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        canonical_hash(&value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn call_key_is_pinned() {
+        let body = json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.7,
+        });
+        let key = CallKey {
+            key_version: CALL_KEY_VERSION,
+            provider: "openai",
+            endpoint: "http://127.0.0.1:8080/v1/chat/completions",
+            body: &body,
+        };
+        // If this changes, cached calls of every user are invalidated: bump CALL_KEY_VERSION
+        // and CALLS_BUCKET deliberately, then update the digest.
+        assert_eq!(
+            key.digest().to_hex().as_str(),
+            "0d472ff6d399c3b5d671b4b12601b2b757d2771d93330a2bff445a970d800641"
+        );
+    }
+
+    #[test]
+    fn call_key_ignores_json_field_order_but_not_content() {
+        let a = json!({"model": "m", "temperature": 0.7});
+        let b = json!({"temperature": 0.7, "model": "m"});
+        let c = json!({"temperature": 0.8, "model": "m"});
+        let key = |body| {
+            CallKey {
+                key_version: 1,
+                provider: "openai",
+                endpoint: "e",
+                body,
+            }
+            .digest()
+        };
+        assert_eq!(key(&a), key(&b));
+        assert_ne!(key(&a), key(&c));
+    }
+}

@@ -1,0 +1,303 @@
+//! `load`: read documents matched by glob patterns, in a deterministic order.
+//!
+//! Rule for bad files: a file that is empty (or only whitespace), binary (has a NUL byte),
+//! not valid UTF-8, larger than `max_bytes`, or not `.md`/`.markdown`/`.txt` is skipped and
+//! named in a warning and in the run summary; it never stops the run and never becomes a row.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json, json};
+
+use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats};
+use crate::config::Diagnostic;
+use crate::record::{Lineage, Record};
+
+pub const KIND: Kind = Kind {
+    name: "load",
+    about: "read .md and .txt documents matched by glob patterns",
+    takes_inputs: false,
+    build,
+    schema: |g| g.subschema_for::<LoadConfig>(),
+};
+
+/// Settings of a `load` stage.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadConfig {
+    /// Glob patterns (`docs/**/*.md`) or folders, relative to the working directory.
+    pub paths: Vec<String>,
+    /// Files larger than this many bytes are skipped with a warning.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_max_bytes() -> u64 {
+    10_000_000
+}
+
+const EXTENSIONS: &[&str] = &["md", "markdown", "txt"];
+
+pub struct Load {
+    config: LoadConfig,
+    patterns: Vec<Pattern>,
+}
+
+struct Pattern {
+    /// Walk from here …
+    base: PathBuf,
+    /// … and keep files matching this (`None`: every file under `base`).
+    matcher: Option<globset::GlobMatcher>,
+}
+
+fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+    let config: LoadConfig = cx.settings()?;
+    let mut errors = Vec::new();
+    if config.paths.is_empty() {
+        errors.push(
+            cx.error("paths", "`paths` is empty")
+                .hint("list glob patterns such as `docs/**/*.md`"),
+        );
+    }
+    let mut patterns = Vec::new();
+    for pattern in &config.paths {
+        match Pattern::new(pattern) {
+            Ok(p) => patterns.push(p),
+            Err(err) => errors.push(
+                cx.error("paths", format!("invalid glob `{pattern}`: {err}"))
+                    .hint("use `*` within a folder and `**` across folders"),
+            ),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Arc::new(Load { config, patterns }))
+}
+
+impl Pattern {
+    fn new(pattern: &str) -> Result<Pattern, globset::Error> {
+        let is_glob = |s: &str| s.contains(['*', '?', '[', '{']);
+        if !is_glob(pattern) {
+            return Ok(Pattern {
+                base: PathBuf::from(pattern),
+                matcher: None,
+            });
+        }
+        // Walk from the longest folder prefix without glob characters.
+        let mut base = PathBuf::new();
+        for part in pattern.split('/') {
+            if is_glob(part) {
+                break;
+            }
+            base.push(if part.is_empty() { "/" } else { part });
+        }
+        let matcher = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()?
+            .compile_matcher();
+        Ok(Pattern {
+            base: if base.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                base
+            },
+            matcher: Some(matcher),
+        })
+    }
+
+    /// Matching files as (path to read, path relative to the base), sorted.
+    fn files(&self) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        if self.base.is_file() && self.matcher.is_none() {
+            let name = self
+                .base
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push((self.base.clone(), name));
+            return out;
+        }
+        let walk = walkdir::WalkDir::new(&self.base)
+            .follow_links(true)
+            .sort_by_file_name();
+        for entry in walk.into_iter().filter_map(Result::ok) {
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let path = entry.path();
+            let matches = self
+                .matcher
+                .as_ref()
+                .is_none_or(|m| m.is_match(path.strip_prefix("./").unwrap_or(path)));
+            if matches {
+                let relative = path
+                    .strip_prefix(&self.base)
+                    .unwrap_or(path)
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                out.push((path.to_path_buf(), relative));
+            }
+        }
+        out
+    }
+}
+
+/// Why a file is not a document, or its text.
+fn read_document(path: &Path, max_bytes: u64) -> Result<(String, String), String> {
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if !EXTENSIONS.contains(&extension.as_str()) {
+        return Err("not a .md, .markdown or .txt file".to_owned());
+    }
+    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if size > max_bytes {
+        return Err(format!(
+            "{size} bytes is over the limit of {max_bytes} (raise `max_bytes` to load it)"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.iter().take(8192).any(|&b| b == 0) {
+        return Err("binary file (it contains NUL bytes)".to_owned());
+    }
+    let digest = blake3::hash(&bytes).to_hex().to_string();
+    let text = String::from_utf8(bytes)
+        .map_err(|e| format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let text = if text.contains('\r') {
+        text.replace("\r\n", "\n")
+    } else {
+        text.to_owned()
+    };
+    if text.trim().is_empty() {
+        return Err("empty file".to_owned());
+    }
+    Ok((text, digest))
+}
+
+impl Stage for Load {
+    fn settings(&self) -> Json {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn run<'a>(
+        &'a self,
+        cx: StageContext<'a>,
+        _input: Vec<Record>,
+    ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
+        async move {
+            // Relative path → file, first pattern wins; BTreeMap keeps the order stable.
+            let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+            for (pattern, source) in self.patterns.iter().zip(&self.config.paths) {
+                let files = pattern.files();
+                if files.is_empty() {
+                    cx.stats.note(format!("`{source}` matched no files"));
+                }
+                for (path, relative) in files {
+                    found.entry(relative).or_insert(path);
+                }
+            }
+            let mut records = Vec::with_capacity(found.len());
+            let mut documents = BTreeMap::new();
+            for (relative, path) in found {
+                StageStats::add(&cx.stats.items, 1);
+                match read_document(&path, self.config.max_bytes) {
+                    Ok((text, digest)) => {
+                        let mut data = Map::new();
+                        data.insert("path".into(), json!(relative));
+                        data.insert("text".into(), Json::String(text));
+                        documents.insert(relative.clone(), digest);
+                        records.push(Record::new(data, Lineage::document(&relative)));
+                    }
+                    Err(reason) => {
+                        StageStats::add(&cx.stats.skipped, 1);
+                        cx.stats
+                            .note(format!("skipped {}: {reason}", path.display()));
+                    }
+                }
+            }
+            if records.is_empty() {
+                return Err(StageError::Message(format!(
+                    "stage `{}`: no documents to load from {}",
+                    cx.name,
+                    self.config
+                        .paths
+                        .iter()
+                        .map(|p| format!("`{p}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            cx.shared
+                .documents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(documents);
+            Ok(records)
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ok.md"), "\u{feff}# Title\r\nbody\r\n").unwrap();
+        std::fs::write(p("empty.md"), "  \n").unwrap();
+        std::fs::write(p("bin.txt"), b"ab\0cd").unwrap();
+        std::fs::write(p("latin1.txt"), b"caf\xe9").unwrap();
+        std::fs::write(p("big.md"), "x".repeat(100)).unwrap();
+        std::fs::write(p("doc.pdf"), "%PDF").unwrap();
+        assert_eq!(read_document(&p("ok.md"), 50).unwrap().0, "# Title\nbody\n");
+        assert_eq!(read_document(&p("empty.md"), 50).unwrap_err(), "empty file");
+        assert!(
+            read_document(&p("bin.txt"), 50)
+                .unwrap_err()
+                .starts_with("binary")
+        );
+        assert_eq!(
+            read_document(&p("latin1.txt"), 50).unwrap_err(),
+            "not valid UTF-8 (at byte 3)"
+        );
+        assert!(
+            read_document(&p("big.md"), 50)
+                .unwrap_err()
+                .contains("raise `max_bytes`")
+        );
+        assert!(
+            read_document(&p("doc.pdf"), 50)
+                .unwrap_err()
+                .starts_with("not a .md")
+        );
+    }
+
+    #[test]
+    fn globs_walk_from_their_literal_prefix_in_sorted_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("docs");
+        std::fs::create_dir_all(root.join("b/c")).unwrap();
+        for f in ["z.md", "a.md", "b/c/d.md", "b/x.txt"] {
+            std::fs::write(root.join(f), "x").unwrap();
+        }
+        let pattern = Pattern::new(&format!("{}/**/*.md", root.display())).unwrap();
+        let found: Vec<String> = pattern.files().into_iter().map(|(_, r)| r).collect();
+        assert_eq!(found, ["a.md", "b/c/d.md", "z.md"]);
+        let folder = Pattern::new(&root.display().to_string()).unwrap();
+        let found: Vec<String> = folder.files().into_iter().map(|(_, r)| r).collect();
+        assert_eq!(found, ["a.md", "b/c/d.md", "b/x.txt", "z.md"]);
+    }
+}

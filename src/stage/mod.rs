@@ -1,0 +1,349 @@
+//! Stage kinds. Each kind is one file named after its YAML `kind` and one line in [`KINDS`].
+
+pub mod chunk;
+pub mod dedupe;
+pub mod export;
+pub mod generate;
+pub mod load;
+pub mod prompt;
+pub mod split;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use indexmap::IndexMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value as Json;
+
+use crate::cache::Store;
+use crate::config::{Diagnostic, Loc, PipelineFile, RawStage};
+use crate::provider::{CallError, Provider};
+use crate::record::{Lineage, Record};
+use crate::template::{TemplateError, Templates};
+
+/// A stage kind: its YAML name, whether it reads other stages, how to build it from its
+/// settings, and the JSON Schema of those settings (for `schemas/pipeline.schema.json`).
+pub struct Kind {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub takes_inputs: bool,
+    pub build: fn(&BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>>,
+    pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+}
+
+pub const KINDS: &[Kind] = &[
+    load::KIND,
+    chunk::KIND,
+    prompt::KIND,
+    generate::KIND,
+    dedupe::KIND,
+    validate::KIND,
+    split::KIND,
+    export::KIND,
+];
+
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+pub fn kind_names() -> Vec<&'static str> {
+    KINDS.iter().map(|k| k.name).collect()
+}
+
+/// A built stage, ready to run.
+pub trait Stage: Send + Sync {
+    /// The resolved settings as JSON (after defaults and vars), including digests of the
+    /// files the stage reads; part of the pipeline hash.
+    fn settings(&self) -> Json;
+
+    fn run<'a>(
+        &'a self,
+        cx: StageContext<'a>,
+        input: Vec<Record>,
+    ) -> BoxFuture<'a, Result<Vec<Record>, StageError>>;
+
+    /// The split names a `split` stage assigns.
+    fn splits(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// The provider a stage calls, for the manifest and the run summary.
+    fn provider(&self) -> Option<&Arc<Provider>> {
+        None
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("template {0}")]
+    Template(#[from] TemplateError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{0}")]
+    Message(String),
+}
+
+impl StageError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        StageError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What a stage's build function sees: its own settings node and the pipeline around it.
+pub struct BuildContext<'a> {
+    pub file: &'a PipelineFile,
+    pub stage: &'a RawStage,
+    pub templates: &'a Arc<Templates>,
+    pub providers: &'a IndexMap<String, Arc<Provider>>,
+}
+
+impl BuildContext<'_> {
+    /// Deserialize the stage's settings (everything but `kind` and `inputs`).
+    pub fn settings<T: DeserializeOwned>(&self) -> Result<T, Vec<Diagnostic>> {
+        T::deserialize(self.stage.node.deserializer(&["kind", "inputs"])).map_err(|err| {
+            vec![Diagnostic::from_de(
+                &self.file.path,
+                err,
+                &format!("stage `{}`", self.stage.name),
+            )]
+        })
+    }
+
+    /// Where a setting's value is written (or the stage itself when it is not written).
+    pub fn loc(&self, field: &str) -> Loc {
+        self.stage
+            .node
+            .get(field)
+            .map_or(self.stage.name_loc, |n| n.loc)
+    }
+
+    pub fn error(&self, field: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::new(
+            &self.file.path,
+            Some(self.loc(field)),
+            format!("stage `{}`: {}", self.stage.name, message.into()),
+        )
+    }
+
+    /// A path written in the pipeline file, relative to the file's folder.
+    pub fn file_path(&self, relative: &str) -> PathBuf {
+        let path = Path::new(relative);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.file.dir.join(path)
+        }
+    }
+
+    /// Read and compile a JSON Schema file named in setting `field`.
+    pub fn json_schema(&self, field: &str, relative: &str) -> Result<JsonSchemaFile, Diagnostic> {
+        let path = self.file_path(relative);
+        let text = std::fs::read_to_string(&path).map_err(|err| {
+            self.error(
+                field,
+                format!("cannot read schema `{}`: {err}", path.display()),
+            )
+            .hint("schema paths are relative to the pipeline file")
+        })?;
+        let schema: Json = serde_json::from_str(&text).map_err(|err| {
+            Diagnostic::new(
+                &path,
+                Some(Loc {
+                    line: err.line() as u32,
+                    col: err.column() as u32,
+                }),
+                format!("invalid JSON in schema: {err}"),
+            )
+        })?;
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|err| Diagnostic::new(&path, None, format!("invalid JSON Schema: {err}")))?;
+        Ok(JsonSchemaFile {
+            digest: blake3::hash(text.as_bytes()).to_hex().to_string(),
+            path,
+            schema,
+            validator: Arc::new(validator),
+        })
+    }
+}
+
+/// A JSON Schema file a stage validates against.
+#[derive(Clone)]
+pub struct JsonSchemaFile {
+    pub path: PathBuf,
+    pub schema: Json,
+    pub digest: String,
+    pub validator: Arc<jsonschema::Validator>,
+}
+
+impl JsonSchemaFile {
+    /// The first validation error as `at /pairs/0: "answer" is a required property`.
+    pub fn check(&self, value: &Json) -> Result<(), String> {
+        match self.validator.iter_errors(value).next() {
+            None => Ok(()),
+            Some(err) => {
+                let at = err.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                Err(format!("at {at}: {err}"))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Do the work.
+    Run,
+    /// Count what would be done; send no request and write no file.
+    Plan,
+}
+
+/// A bad record, kept with its reason for `rejects.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reject {
+    pub stage: String,
+    pub source: String,
+    pub lineage: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    #[serde(skip)]
+    pub order: Lineage,
+}
+
+/// State shared by all stages of one run.
+pub struct RunShared {
+    pub mode: Mode,
+    pub store: Arc<dyn Store>,
+    /// False with `--no-cache`: results are recomputed (and stored again).
+    pub read_cache: bool,
+    pub pipeline_name: String,
+    pub pipeline_hash: String,
+    /// The providers generate stages use: kind, model, endpoint (no secrets).
+    pub models: Json,
+    /// Document path → blake3 of its bytes, from every `load` stage.
+    pub documents: Mutex<BTreeMap<String, String>>,
+    pub rejects: Mutex<Vec<Reject>>,
+    pub progress: indicatif::MultiProgress,
+    /// Set on Ctrl-C: no new LLM call starts.
+    pub stop: AtomicBool,
+}
+
+impl RunShared {
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters a stage fills in; the run summary and `keg plan` read them.
+#[derive(Debug, Default)]
+pub struct StageStats {
+    /// Work units: documents loaded, records processed, LLM calls needed.
+    pub items: AtomicU64,
+    /// LLM calls answered from the cache.
+    pub cached: AtomicU64,
+    /// LLM calls not in the cache (sent in a run, to be sent in a plan).
+    pub to_run: AtomicU64,
+    pub retries: AtomicU64,
+    pub tokens_in: AtomicU64,
+    pub tokens_out: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Inputs skipped by a documented rule (empty, binary … files; duplicates).
+    pub skipped: AtomicU64,
+    pub notes: Mutex<Vec<String>>,
+    /// Files written, with their row counts.
+    pub files: Mutex<Vec<(PathBuf, usize)>>,
+}
+
+impl StageStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn note(&self, note: String) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(note);
+    }
+}
+
+/// What a stage sees while it runs.
+#[derive(Clone, Copy)]
+pub struct StageContext<'a> {
+    pub name: &'a str,
+    pub shared: &'a RunShared,
+    pub stats: &'a StageStats,
+    /// Split names assigned upstream, if a `split` stage is upstream.
+    pub splits: Option<&'a [String]>,
+    /// The names of this stage's ancestors, whose rejects belong to its outputs.
+    pub ancestors: &'a [String],
+}
+
+impl StageContext<'_> {
+    pub fn reject(&self, lineage: &Lineage, reason: String, reply: Option<&str>) {
+        StageStats::add(&self.stats.rejected, 1);
+        let reply = reply.map(|r| {
+            let mut r: String = r.chars().take(2000).collect();
+            if r.len() < reply.map_or(0, str::len) {
+                r.push('…');
+            }
+            r
+        });
+        self.shared
+            .rejects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Reject {
+                stage: self.name.to_owned(),
+                source: lineage.source.to_string(),
+                lineage: lineage.display(),
+                reason,
+                reply,
+                order: lineage.clone(),
+            });
+    }
+}
+
+/// Record fields plus `vars`, as templates and expressions see them.
+pub fn template_context(record: &Record, extra: &[(&str, Json)]) -> minijinja::Value {
+    let mut map = record.data.clone();
+    for (k, v) in extra {
+        map.insert((*k).to_owned(), v.clone());
+    }
+    minijinja::Value::from(minijinja::value::Serde(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_match_their_files() {
+        // One file per kind, named after it: keep the registry and the tree in step.
+        for kind in KINDS {
+            let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("src/stage")
+                .join(format!("{}.rs", kind.name));
+            assert!(file.is_file(), "no file for stage kind `{}`", kind.name);
+        }
+    }
+}

@@ -5,6 +5,7 @@
 pub mod diagnostic;
 pub mod node;
 pub mod plan;
+pub mod schema;
 pub mod vars;
 
 use std::path::{Path, PathBuf};

@@ -3,13 +3,13 @@
 //! none is ever half-written; rows are in lineage order, so files are byte-identical across
 //! runs whatever order LLM calls finished in.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
@@ -167,6 +167,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
     file.write_all(bytes)
         .and_then(|()| file.as_file().sync_all())
         .map_err(|e| StageError::io(path, e))?;
+    // Temp files are private (0600); outputs are ordinary files others may read.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| StageError::io(path, e))?;
+    }
     file.persist(path)
         .map_err(|e| StageError::io(path, e.error))?;
     Ok(())
@@ -189,11 +196,12 @@ impl Stage for Export {
 
             // Every split named upstream gets a file, even an empty one, so that a split
             // that emptied out does not leave last run's file behind.
-            let mut files: BTreeMap<String, Vec<u8>> = match cx.splits {
+            // In the order the splits were declared (train, valid, test).
+            let mut files: IndexMap<String, Vec<u8>> = match cx.splits {
                 Some(names) => names.iter().map(|n| (n.clone(), Vec::new())).collect(),
-                None => BTreeMap::new(),
+                None => IndexMap::new(),
             };
-            let mut rows: BTreeMap<String, usize> = files.keys().map(|k| (k.clone(), 0)).collect();
+            let mut rows: IndexMap<String, usize> = files.keys().map(|k| (k.clone(), 0)).collect();
             for record in &input {
                 let split = record.split.as_deref().unwrap_or("data").to_owned();
                 match self.row(record) {

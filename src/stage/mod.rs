@@ -32,9 +32,12 @@ pub struct Kind {
     pub name: &'static str,
     pub about: &'static str,
     pub takes_inputs: bool,
-    pub build: fn(&BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>>,
+    pub build: fn(&BuildContext) -> Built,
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
+
+/// A built stage, or every error found in its settings.
+pub type Built = Result<Arc<dyn Stage>, Vec<Diagnostic>>;
 
 pub const KINDS: &[Kind] = &[
     load::KIND,

@@ -1,0 +1,180 @@
+//! The promises of the cache: a re-run costs nothing, an edit costs only what changed, and
+//! output files do not depend on the order calls finished in.
+
+use std::time::Duration;
+
+use crate::mock::{Behavior, MockLlm};
+use crate::support::{Workspace, sample_doc, stderr, to_run, user_message};
+
+const TOPICS: [&str; 4] = ["ledger", "billing", "inventory", "shipping"];
+
+fn workspace_with_docs() -> Workspace {
+    let ws = Workspace::new();
+    for topic in TOPICS {
+        ws.write(&format!("docs/{topic}.md"), sample_doc(topic));
+    }
+    ws
+}
+
+#[test]
+fn first_run_writes_a_complete_dataset() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    let output = ws.run_docs_qa(&mock);
+    // 4 documents × 3 sections = 12 chunks, one call each.
+    assert_eq!(mock.requests(), 12, "{}", stderr(&output));
+    let prompts = ws.split_of_prompts();
+    let rows: usize = ["train", "valid", "test"]
+        .iter()
+        .map(|s| ws.rows(s).len())
+        .sum();
+    assert_eq!(prompts.len(), rows);
+    for split in ["train", "valid", "test"] {
+        for row in ws.rows(split) {
+            let keys: Vec<&String> = row.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["prompt", "completion"]);
+            assert!(!row["prompt"].as_str().unwrap().trim().is_empty());
+            assert!(!row["completion"].as_str().unwrap().trim().is_empty());
+        }
+    }
+    // Each call asked for 10 pairs per 1,000 characters and got them: nothing rejected.
+    let asked: usize = mock
+        .bodies()
+        .iter()
+        .map(|b| crate::mock::parse_item_count(&user_message(b)).unwrap())
+        .sum();
+    assert_eq!(rows, asked);
+    assert_eq!(ws.read("out/rejects.jsonl"), "");
+    let manifest: serde_json::Value = serde_json::from_str(&ws.read("out/manifest.json")).unwrap();
+    assert_eq!(manifest["pipeline"], "docs-qa");
+    assert_eq!(manifest["models"][0]["model"], "m");
+    assert_eq!(manifest["documents"].as_object().unwrap().len(), 4);
+    let counted: u64 = ["train", "valid", "test"]
+        .iter()
+        .map(|s| manifest["splits"][s]["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted as usize, rows);
+    let summary = stderr(&output);
+    assert!(summary.contains("12 calls: 12 sent, 0 cached"), "{summary}");
+}
+
+#[test]
+fn rerun_sends_nothing_and_writes_identical_bytes() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let first = ws.outputs();
+    assert_eq!(to_run(&ws.plan_json(&mock), "pairs"), 0);
+    mock.reset();
+    let output = ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0);
+    assert_eq!(ws.outputs(), first);
+    assert!(stderr(&output).contains("12 calls: 0 sent, 12 cached"));
+}
+
+#[test]
+fn editing_one_document_resends_only_its_changed_chunks() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let before = ws.split_of_prompts();
+
+    let edited = format!(
+        "{}\nA closing paragraph about billing exports, added later, that says how the monthly \
+         export is archived.\n",
+        sample_doc("billing")
+    );
+    ws.write("docs/billing.md", edited);
+    assert_eq!(to_run(&ws.plan_json(&mock), "pairs"), 1);
+    mock.reset();
+    ws.run_docs_qa(&mock);
+    // The paragraph lands in the last section: one chunk changed, one call.
+    assert_eq!(mock.requests(), 1);
+    let message = user_message(&mock.bodies()[0]);
+    assert!(message.starts_with("Document: billing.md"), "{message}");
+    assert!(message.contains("closing paragraph"), "{message}");
+    // Examples from untouched chunks keep their split.
+    let after = ws.split_of_prompts();
+    for (prompt, split) in &before {
+        if let Some(now) = after.get(prompt) {
+            assert_eq!(now, split, "{prompt} moved");
+        }
+    }
+}
+
+#[test]
+fn deleting_a_document_removes_its_rows_without_calls() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let all = ws.split_of_prompts();
+    std::fs::remove_file(ws.path("docs/inventory.md")).unwrap();
+    mock.reset();
+    ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0);
+    let left = ws.split_of_prompts();
+    // The mock's answers quote the start of the user message, which names the document.
+    for split in ["train", "valid", "test"] {
+        for row in ws.rows(split) {
+            let completion = row["completion"].as_str().unwrap();
+            assert!(!completion.contains("inventory.md"), "{completion}");
+        }
+    }
+    assert!(left.len() < all.len());
+    for (prompt, split) in &left {
+        assert_eq!(all.get(prompt), Some(split));
+    }
+    let manifest: serde_json::Value = serde_json::from_str(&ws.read("out/manifest.json")).unwrap();
+    assert!(manifest["documents"].get("inventory.md").is_none());
+}
+
+#[test]
+fn adding_documents_never_moves_an_example_between_splits() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let before = ws.split_of_prompts();
+    for i in 0..10 {
+        let topic = format!("added{i}");
+        ws.write(&format!("docs/{topic}.md"), sample_doc(&topic));
+    }
+    mock.reset();
+    ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 30);
+    let after = ws.split_of_prompts();
+    for (prompt, split) in &before {
+        assert_eq!(after.get(prompt), Some(split), "{prompt}");
+    }
+    assert!(after.len() > before.len());
+}
+
+#[test]
+fn completion_order_does_not_change_the_files() {
+    let calm = workspace_with_docs();
+    let shuffled = workspace_with_docs();
+    let in_order = MockLlm::start(Behavior::default());
+    let jittery = MockLlm::start(Behavior {
+        jitter: Duration::from_millis(150),
+        ..Behavior::default()
+    });
+    calm.run_docs_qa(&in_order);
+    shuffled.run_docs_qa(&jittery);
+    let (a, b) = (calm.outputs(), shuffled.outputs());
+    for name in ["train.jsonl", "valid.jsonl", "test.jsonl", "rejects.jsonl"] {
+        assert_eq!(a[name], b[name], "{name} differs");
+    }
+}
+
+#[test]
+fn no_cache_resends_and_refreshes() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    mock.reset();
+    let mut args = ws.docs_qa_args(&mock, "run");
+    args.push("--no-cache".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = ws.keg(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(mock.requests(), 12);
+}

@@ -1,0 +1,5 @@
+mod mock;
+mod mock_selftest;
+
+mod incremental;
+mod support;

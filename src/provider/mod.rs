@@ -1,62 +1,131 @@
-//! LLM providers: what the user configures, the per-provider concurrency limit, and retries.
-//! Each wire format lives in its own file.
+//! LLM providers: what the user configures, the wire format of each API (one file per API,
+//! one line in [`ProviderKind::wire`]), and how a call is sent: limits, retries, errors.
 
+pub mod anthropic;
+pub mod limits;
+pub mod ollama;
 pub mod openai;
+pub mod retry;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use tokio::sync::Semaphore;
+
+use limits::Limits;
 
 /// A provider as written under `providers:` in a pipeline.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// The wire format: `openai` is any OpenAI-compatible `/chat/completions` endpoint
-    /// (OpenAI, OpenRouter, vLLM, llama.cpp server, LM Studio, Ollama's `/v1`).
+    /// (OpenAI, OpenRouter, vLLM, llama.cpp server, LM Studio, Ollama's `/v1`); `ollama` is
+    /// Ollama's native `/api/chat`; `anthropic` is the Anthropic Messages API.
     pub kind: ProviderKind,
-    /// e.g. `https://api.openai.com/v1`, `http://localhost:11434/v1`.
+    /// e.g. `https://api.openai.com/v1`, `http://localhost:11434/v1` (openai),
+    /// `http://localhost:11434` (ollama), `https://api.anthropic.com` (anthropic). Empty or
+    /// omitted: the kind's default (`https://api.openai.com/v1`; for ollama `$OLLAMA_HOST`,
+    /// else `http://127.0.0.1:11434`; `https://api.anthropic.com`). For ollama and anthropic
+    /// a trailing `/v1` is ignored.
+    #[serde(default)]
     pub base_url: String,
     pub model: String,
-    /// The environment variable holding the API key. When it is unset or empty, no key is
-    /// sent (local servers need none). Keys are never written anywhere.
+    /// The environment variable holding the API key. Empty or omitted: `OPENAI_API_KEY`,
+    /// `OLLAMA_API_KEY` or `ANTHROPIC_API_KEY` by kind. When the variable is unset or empty,
+    /// no key is sent (local servers need none). Keys are never written anywhere.
     #[serde(default)]
     pub api_key_env: Option<String>,
-    /// Requests in flight at once.
+    /// Extra HTTP headers sent with every request, e.g. OpenRouter's `HTTP-Referer` and
+    /// `X-Title`. Not part of cache keys. Keys do not belong here: use `api_key_env`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub headers: IndexMap<String, String>,
+    /// Requests in flight at most. On 429 (or 503/529) the provider halves how many it sends
+    /// at once, and grows back by one per round of successes.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Requests started per minute at most, spaced evenly (retries count).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens per minute at most, estimated before sending as prompt characters / 4 plus the
+    /// reply's token budget.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
     #[serde(default)]
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    /// Upper bound for a reply's tokens; a generate stage may ask for less.
+    /// Upper bound for a reply's tokens; a generate stage may ask for less. Anthropic requires
+    /// a bound: 4096 when neither this nor the stage gives one.
     #[serde(default)]
     pub max_tokens: Option<u32>,
+    /// Sampling seed (Anthropic has none: ignored there).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// ollama: the context window in tokens (`options.num_ctx`); Ollama's default is small,
+    /// and a prompt longer than it is cut silently.
+    #[serde(default)]
+    pub num_ctx: Option<u32>,
+    /// ollama: how long the model stays loaded after a request, e.g. `10m`, `1h`, or seconds
+    /// (`-1`: forever). Not part of cache keys.
+    #[serde(default)]
+    pub keep_alive: Option<String>,
     /// Seconds before a request is abandoned and retried.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
     /// Retries after the first attempt on 408, 409, 429, 5xx, timeouts and connection errors.
     #[serde(default = "default_retries")]
     pub max_retries: u32,
+    /// Milliseconds before the first retry; each further retry waits twice as long (at most
+    /// 30 s), plus up to 50% jitter. A server's `Retry-After` replaces this wait.
+    #[serde(default = "default_retry_delay")]
+    pub retry_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Openai,
+    Ollama,
+    Anthropic,
 }
 
 impl ProviderKind {
-    pub fn name(self) -> &'static str {
+    /// The wire format of this kind: adding a provider is one file and one line here.
+    pub fn wire(self) -> &'static Wire {
         match self {
-            ProviderKind::Openai => "openai",
+            ProviderKind::Openai => &openai::WIRE,
+            ProviderKind::Ollama => &ollama::WIRE,
+            ProviderKind::Anthropic => &anthropic::WIRE,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        self.wire().name
+    }
+}
+
+/// What one API needs to be called: every function a provider file supplies.
+pub struct Wire {
+    /// The YAML `kind`.
+    pub name: &'static str,
+    /// The base URL when the config leaves it empty.
+    pub default_base_url: fn() -> String,
+    /// The variable the key is read from when `api_key_env` is not given.
+    pub default_key_env: &'static str,
+    pub endpoint: fn(base_url: &str) -> String,
+    /// The request body: everything that decides the answer, and nothing secret (it is the
+    /// cache key).
+    pub body: fn(&ProviderConfig, &Json, Option<&Json>, Option<u32>) -> Json,
+    /// Fields sent but left out of the cache key because they cannot change the answer.
+    pub transport_fields: fn(&ProviderConfig) -> serde_json::Map<String, Json>,
+    /// Adds the key (when there is one) and the API's fixed headers.
+    pub authorize: fn(reqwest::RequestBuilder, Option<&str>) -> reqwest::RequestBuilder,
+    pub parse_reply: fn(&str) -> Result<Reply, String>,
 }
 
 fn default_concurrency() -> usize {
@@ -68,8 +137,20 @@ fn default_timeout() -> u64 {
 fn default_retries() -> u32 {
     4
 }
+fn default_retry_delay() -> u64 {
+    500
+}
 
-/// What a chat call returned, as stored in the cache.
+/// The token budget of a reply: the stage's ask, capped by the provider's `max_tokens`.
+pub fn effective_max_tokens(config: &ProviderConfig, asked: Option<u32>) -> Option<u32> {
+    match (asked, config.max_tokens) {
+        (Some(asked), Some(cap)) => Some(asked.min(cap)),
+        (asked, cap) => asked.or(cap),
+    }
+}
+
+/// What a chat call returned, as stored in the cache. Fields added later default when an
+/// older entry is read, and are left out when empty so older entries keep their bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub content: String,
@@ -79,6 +160,13 @@ pub struct Reply {
     pub prompt_tokens: u64,
     #[serde(default)]
     pub completion_tokens: u64,
+    /// What the server says the call cost (OpenRouter's `usage.cost`, in its credits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The model's reasoning when the server returns it apart from the content (`reasoning`,
+    /// `reasoning_content`, Ollama's `thinking`, Anthropic's thinking blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,11 +185,17 @@ pub enum CallError {
 /// A configured provider, ready to send.
 pub struct Provider {
     pub name: String,
+    /// The config as written, with `base_url` and `api_key_env` resolved to what is used.
     pub config: ProviderConfig,
     client: reqwest::Client,
     api_key: Option<String>,
-    /// Shared by every stage that uses this provider.
+    endpoint: String,
+    transport_fields: serde_json::Map<String, Json>,
+    /// Calls in progress (sending, or waiting to retry), at most `concurrency`; shared by
+    /// every stage that uses this provider.
     pub limit: Arc<Semaphore>,
+    /// Requests on the wire: the adaptive window and the per-minute limits.
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Provider {
@@ -114,23 +208,81 @@ impl std::fmt::Debug for Provider {
     }
 }
 
+/// Header names that carry credentials: those come from `api_key_env`, never the file.
+const SECRET_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+];
+
 impl Provider {
-    pub fn new(name: &str, config: ProviderConfig) -> Result<Provider, String> {
-        let api_key = config
-            .api_key_env
-            .as_deref()
-            .and_then(|var| std::env::var(var).ok())
+    pub fn new(name: &str, mut config: ProviderConfig) -> Result<Provider, String> {
+        let wire = config.kind.wire();
+        let mut problems = Vec::new();
+        if config.base_url.trim().is_empty() {
+            config.base_url = (wire.default_base_url)();
+        }
+        let key_env = match config.api_key_env.as_deref().map(str::trim) {
+            Some(var) if !var.is_empty() => var.to_owned(),
+            _ => wire.default_key_env.to_owned(),
+        };
+        config.api_key_env = Some(key_env.clone());
+        if config.kind != ProviderKind::Ollama {
+            for (field, set) in [
+                ("num_ctx", config.num_ctx.is_some()),
+                ("keep_alive", config.keep_alive.is_some()),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "provider `{name}`: `{field}` applies to kind `ollama` only, not `{}`",
+                        wire.name
+                    ));
+                }
+            }
+        }
+        for (limit, value) in [
+            ("requests_per_minute", config.requests_per_minute),
+            ("tokens_per_minute", config.tokens_per_minute),
+        ] {
+            if value == Some(0) {
+                problems.push(format!(
+                    "provider `{name}`: `{limit}` must be at least 1 (leave it out for no limit)"
+                ));
+            }
+        }
+        let headers = match header_map(name, &config.headers) {
+            Ok(h) => h,
+            Err(mut e) => {
+                problems.append(&mut e);
+                reqwest::header::HeaderMap::new()
+            }
+        };
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let api_key = std::env::var(&key_env)
+            .ok()
             .filter(|key| !key.trim().is_empty());
+        let concurrency = config.concurrency.max(1);
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.timeout_secs.max(1)))
             .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(config.concurrency.max(1))
+            .pool_max_idle_per_host(concurrency)
+            .default_headers(headers)
             .user_agent(concat!("keg/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+            .map_err(|e| format!("provider `{name}`: cannot build an HTTP client: {e}"))?;
         Ok(Provider {
             name: name.to_owned(),
-            limit: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            endpoint: (wire.endpoint)(&config.base_url),
+            transport_fields: (wire.transport_fields)(&config),
+            limit: Arc::new(Semaphore::new(concurrency)),
+            limits: Limits::new(
+                concurrency,
+                config.requests_per_minute,
+                config.tokens_per_minute,
+            ),
             config,
             client,
             api_key,
@@ -138,27 +290,34 @@ impl Provider {
     }
 
     pub fn endpoint(&self) -> String {
-        match self.config.kind {
-            ProviderKind::Openai => openai::endpoint(&self.config.base_url),
-        }
+        self.endpoint.clone()
     }
 
     /// The request body for these messages; `schema` is the JSON Schema the reply must match.
     pub fn body(&self, messages: &Json, schema: Option<&Json>, max_tokens: Option<u32>) -> Json {
-        match self.config.kind {
-            ProviderKind::Openai => openai::body(&self.config, messages, schema, max_tokens),
-        }
+        (self.config.kind.wire().body)(&self.config, messages, schema, max_tokens)
+    }
+
+    /// How many requests this provider currently sends at once (the adaptive window).
+    pub fn window(&self) -> usize {
+        self.limits.window()
     }
 
     /// Send one request, retrying transient failures with exponential backoff and jitter.
+    /// Returns the reply and the number of retries it took.
     pub async fn send(&self, body: &Json) -> Result<(Reply, u32), CallError> {
-        let endpoint = self.endpoint();
+        let sent = self.wire_body(body);
+        let tokens = estimated_tokens(body);
+        let base = Duration::from_millis(self.config.retry_delay_ms);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = self.send_once(&endpoint, body).await;
-            let (retry_after, last) = match outcome {
-                Attempt::Done(reply) => return Ok((reply, attempt - 1)),
+            let ticket = self.limits.admit(tokens).await;
+            let (wait, last) = match self.send_once(&sent).await {
+                Attempt::Done(reply) => {
+                    ticket.succeeded();
+                    return Ok((reply, attempt - 1));
+                }
                 Attempt::Fatal(status, message) => {
                     return Err(CallError::Fatal {
                         provider: self.name.clone(),
@@ -166,7 +325,19 @@ impl Provider {
                         message,
                     });
                 }
-                Attempt::Retry(retry_after, last) => (retry_after, last),
+                Attempt::Retry {
+                    wait,
+                    last,
+                    overloaded,
+                } => {
+                    // Either way the place in the window is freed before the wait.
+                    if overloaded {
+                        ticket.overloaded();
+                    } else {
+                        drop(ticket);
+                    }
+                    (wait, last)
+                }
             };
             if attempt > self.config.max_retries {
                 return Err(CallError::GaveUp {
@@ -174,43 +345,92 @@ impl Provider {
                     last,
                 });
             }
-            tokio::time::sleep(backoff(attempt, retry_after)).await;
+            tokio::time::sleep(retry::delay(attempt, base, wait, rand::random())).await;
         }
     }
 
-    async fn send_once(&self, endpoint: &str, body: &Json) -> Attempt {
-        let mut request = self.client.post(endpoint).json(body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
+    /// The body as sent: the cached body plus fields that cannot change the answer.
+    fn wire_body<'a>(&self, body: &'a Json) -> Cow<'a, Json> {
+        match body {
+            Json::Object(obj) if !self.transport_fields.is_empty() => {
+                let mut obj = obj.clone();
+                for (k, v) in &self.transport_fields {
+                    obj.insert(k.clone(), v.clone());
+                }
+                Cow::Owned(Json::Object(obj))
+            }
+            _ => Cow::Borrowed(body),
         }
+    }
+
+    async fn send_once(&self, body: &Json) -> Attempt {
+        let request = self.client.post(&self.endpoint).json(body);
+        let request = (self.config.kind.wire().authorize)(request, self.api_key.as_deref());
         let response = match request.send().await {
             Ok(r) => r,
-            Err(err) => return Attempt::Retry(None, describe_transport(&err)),
+            Err(err) => return self.transport_failure(&err),
         };
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 600.0)));
+        let wait = retry::asked_wait(response.headers(), std::time::SystemTime::now());
         let text = match response.text().await {
             Ok(t) => t,
-            Err(err) => return Attempt::Retry(None, describe_transport(&err)),
+            Err(err) => return self.transport_failure(&err),
         };
         if (200..300).contains(&status) {
-            return match self.config.kind {
-                ProviderKind::Openai => match openai::parse_reply(&text) {
-                    Ok(reply) => Attempt::Done(reply),
-                    Err(err) => Attempt::Retry(None, err),
+            return match (self.config.kind.wire().parse_reply)(&text) {
+                Ok(reply) => Attempt::Done(reply),
+                Err(err) => Attempt::Retry {
+                    wait: None,
+                    last: self.redact(err),
+                    overloaded: false,
                 },
             };
         }
-        let message = server_message(&text);
-        if matches!(status, 408 | 409 | 429) || status >= 500 {
-            Attempt::Retry(retry_after, format!("HTTP {status}: {message}"))
+        let message = self.redact(server_message(&text));
+        if retry::is_transient(status) {
+            Attempt::Retry {
+                wait,
+                last: format!("HTTP {status}: {message}"),
+                overloaded: retry::is_overload(status),
+            }
         } else {
-            Attempt::Fatal(status, message)
+            Attempt::Fatal(status, self.explain(status, message))
+        }
+    }
+
+    fn transport_failure(&self, err: &reqwest::Error) -> Attempt {
+        let last = if err.is_timeout() {
+            format!(
+                "no answer within {} s (`timeout_secs`)",
+                self.config.timeout_secs
+            )
+        } else if err.is_connect() {
+            format!("cannot connect to {}: {}", self.endpoint, root_cause(err))
+        } else {
+            format!("the connection failed: {}", root_cause(err))
+        };
+        Attempt::Retry {
+            wait: None,
+            last: self.redact(last),
+            overloaded: false,
+        }
+    }
+
+    /// A server may quote what it was sent; the key never leaves this struct.
+    fn redact(&self, text: String) -> String {
+        match &self.api_key {
+            Some(key) if text.contains(key.as_str()) => text.replace(key.as_str(), "[redacted]"),
+            _ => text,
+        }
+    }
+
+    /// Adds what the user most likely needs to know to an authentication failure.
+    fn explain(&self, status: u16, message: String) -> String {
+        let var = self.config.api_key_env.as_deref().unwrap_or_default();
+        match (status, &self.api_key) {
+            (401 | 403, None) => format!("{message} (no key was sent: `{var}` is not set)"),
+            (401 | 403, Some(_)) => format!("{message} (the key is read from `{var}`)"),
+            _ => message,
         }
     }
 }
@@ -218,17 +438,64 @@ impl Provider {
 enum Attempt {
     Done(Reply),
     Fatal(u16, String),
-    Retry(Option<Duration>, String),
+    Retry {
+        /// What the server asked for (Retry-After), if anything.
+        wait: Option<Duration>,
+        last: String,
+        /// The server is over its capacity: send less at once.
+        overloaded: bool,
+    },
 }
 
-fn describe_transport(err: &reqwest::Error) -> String {
-    if err.is_timeout() {
-        "the request timed out".to_owned()
-    } else if err.is_connect() {
-        format!("cannot connect: {}", root_cause(err))
-    } else {
-        root_cause(err)
+/// `headers:` as a header map, refusing names that carry credentials.
+fn header_map(
+    provider: &str,
+    headers: &IndexMap<String, String>,
+) -> Result<reqwest::header::HeaderMap, Vec<String>> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut map = reqwest::header::HeaderMap::new();
+    let mut problems = Vec::new();
+    for (name, value) in headers {
+        if SECRET_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            problems.push(format!(
+                "provider `{provider}`: header `{name}` carries a credential; put the key in an \
+                 environment variable and name it in `api_key_env`"
+            ));
+            continue;
+        }
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                map.insert(n, v);
+            }
+            (Err(_), _) => problems.push(format!(
+                "provider `{provider}`: `{name}` is not a valid HTTP header name"
+            )),
+            (_, Err(_)) => problems.push(format!(
+                "provider `{provider}`: the value of header `{name}` is not valid in HTTP (no \
+                 line breaks or control characters)"
+            )),
+        }
     }
+    if problems.is_empty() {
+        Ok(map)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 plus the reply's
+/// budget (servers count the budget against the limit before the reply exists).
+fn estimated_tokens(body: &Json) -> u32 {
+    let prompt = serde_json::to_string(body).map_or(0, |s| s.len() / 4);
+    let budget = body
+        .get("max_tokens")
+        .or_else(|| body.pointer("/options/num_predict"))
+        .and_then(Json::as_u64)
+        .unwrap_or(0);
+    u32::try_from(prompt as u64 + budget).unwrap_or(u32::MAX)
 }
 
 fn root_cause(err: &dyn std::error::Error) -> String {
@@ -246,6 +513,7 @@ fn server_message(text: &str) -> String {
         v.pointer("/error/message")
             .or_else(|| v.get("error"))
             .or_else(|| v.get("message"))
+            .or_else(|| v.get("detail"))
             .and_then(Json::as_str)
             .map(str::to_owned)
     });
@@ -257,25 +525,35 @@ fn server_message(text: &str) -> String {
     message
 }
 
-/// 0.5 s, 1 s, 2 s … capped at 30 s, plus up to 50% jitter; a server's Retry-After wins
-/// when it asks for longer.
-fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let base = Duration::from_millis(500u64.saturating_mul(1 << (attempt - 1).min(6)))
-        .min(Duration::from_secs(30));
-    let jitter = base.mul_f64(rand::random::<f64>() * 0.5);
-    let wait = base + jitter;
-    match retry_after {
-        Some(asked) if asked > wait => asked,
-        _ => wait,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    pub(crate) fn config(kind: ProviderKind) -> ProviderConfig {
+        ProviderConfig {
+            kind,
+            base_url: String::new(),
+            model: "m".into(),
+            api_key_env: None,
+            headers: IndexMap::new(),
+            concurrency: 4,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            temperature: None,
+            top_p: None,
+            max_tokens: None,
+            seed: None,
+            num_ctx: None,
+            keep_alive: None,
+            timeout_secs: 60,
+            max_retries: 2,
+            retry_delay_ms: 500,
+        }
+    }
 
     #[test]
-    fn server_message_reads_openai_error_bodies() {
+    fn server_message_reads_error_bodies_of_every_api() {
         assert_eq!(
             server_message(
                 r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error"}}"#
@@ -283,21 +561,100 @@ mod tests {
             "Incorrect API key provided"
         );
         assert_eq!(
+            server_message(
+                r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#
+            ),
+            "invalid x-api-key"
+        );
+        assert_eq!(
             server_message(r#"{"error":"model not found"}"#),
             "model not found"
         );
         assert_eq!(server_message("Bad Gateway"), "Bad Gateway");
+        assert_eq!(server_message(""), "(empty body)");
     }
 
     #[test]
-    fn backoff_grows_and_honours_retry_after() {
-        assert!(backoff(1, None) >= Duration::from_millis(500));
-        assert!(backoff(1, None) < Duration::from_millis(751));
-        assert!(backoff(3, None) >= Duration::from_secs(2));
+    fn empty_base_url_and_key_variable_take_the_kinds_defaults() {
+        let p = Provider::new("llm", config(ProviderKind::Anthropic)).unwrap();
+        assert_eq!(p.config.base_url, "https://api.anthropic.com");
+        assert_eq!(p.endpoint(), "https://api.anthropic.com/v1/messages");
+        assert_eq!(p.config.api_key_env.as_deref(), Some("ANTHROPIC_API_KEY"));
+        let p = Provider::new("llm", config(ProviderKind::Openai)).unwrap();
+        assert_eq!(p.endpoint(), "https://api.openai.com/v1/chat/completions");
+        assert_eq!(p.config.api_key_env.as_deref(), Some("OPENAI_API_KEY"));
+        let mut c = config(ProviderKind::Openai);
+        c.api_key_env = Some("OPENROUTER_API_KEY".into());
+        let p = Provider::new("llm", c).unwrap();
+        assert_eq!(p.config.api_key_env.as_deref(), Some("OPENROUTER_API_KEY"));
+    }
+
+    #[test]
+    fn ollama_only_fields_and_credential_headers_are_refused() {
+        let mut c = config(ProviderKind::Openai);
+        c.num_ctx = Some(8192);
+        c.headers
+            .insert("Authorization".into(), "Bearer sk-1".into());
+        c.headers.insert("X Title".into(), "keg".into());
+        c.requests_per_minute = Some(0);
+        let err = Provider::new("llm", c).unwrap_err();
         assert_eq!(
-            backoff(1, Some(Duration::from_secs(9))),
-            Duration::from_secs(9)
+            err,
+            "provider `llm`: `num_ctx` applies to kind `ollama` only, not `openai`; \
+             provider `llm`: `requests_per_minute` must be at least 1 (leave it out for no limit); \
+             provider `llm`: header `Authorization` carries a credential; put the key in an \
+             environment variable and name it in `api_key_env`; \
+             provider `llm`: `X Title` is not a valid HTTP header name"
         );
-        assert!(backoff(20, None) <= Duration::from_secs(45));
+    }
+
+    #[test]
+    fn transport_fields_are_sent_but_not_in_the_body() {
+        let mut c = config(ProviderKind::Ollama);
+        c.base_url = "http://h:1".into();
+        c.keep_alive = Some("10m".into());
+        let p = Provider::new("llm", c).unwrap();
+        let body = p.body(&json!([]), None, None);
+        assert!(body.get("keep_alive").is_none());
+        assert_eq!(p.wire_body(&body)["keep_alive"], "10m");
+    }
+
+    #[test]
+    fn token_estimate_counts_prompt_and_budget() {
+        let body = json!({"messages": "x".repeat(400), "max_tokens": 100});
+        let chars = serde_json::to_string(&body).unwrap().len() as u32;
+        assert_eq!(estimated_tokens(&body), chars / 4 + 100);
+        let body = json!({"options": {"num_predict": 50}});
+        assert_eq!(estimated_tokens(&body), 7 + 50);
+    }
+
+    #[test]
+    fn replies_cached_before_cost_and_reasoning_still_read_and_keep_their_bytes() {
+        let old =
+            r#"{"content":"{}","finish_reason":"stop","prompt_tokens":3,"completion_tokens":4}"#;
+        let reply: Reply = serde_json::from_str(old).unwrap();
+        assert_eq!(reply.cost, None);
+        assert_eq!(reply.reasoning, None);
+        assert_eq!(serde_json::to_string(&reply).unwrap(), old);
+    }
+
+    #[test]
+    fn redacts_the_key_from_server_messages() {
+        let mut p = Provider::new("llm", config(ProviderKind::Openai)).unwrap();
+        p.api_key = Some("sk-secret-1".into());
+        assert_eq!(
+            p.redact("Incorrect API key provided: sk-secret-1.".into()),
+            "Incorrect API key provided: [redacted]."
+        );
+        assert_eq!(
+            p.explain(401, "bad key".into()),
+            "bad key (the key is read from `OPENAI_API_KEY`)"
+        );
+        p.api_key = None;
+        assert_eq!(
+            p.explain(401, "bad key".into()),
+            "bad key (no key was sent: `OPENAI_API_KEY` is not set)"
+        );
+        assert_eq!(p.explain(400, "bad request".into()), "bad request");
     }
 }

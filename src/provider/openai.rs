@@ -1,12 +1,31 @@
 //! The OpenAI-compatible chat completions wire format (OpenAI, OpenRouter, vLLM, llama.cpp
-//! server, LM Studio, Ollama's `/v1`).
+//! server, LM Studio, Ollama's `/v1`), with OpenRouter's extras read when present: the cost
+//! in `usage.cost` and the reasoning in `message.reasoning` (`reasoning_content` elsewhere).
 
 use serde_json::{Value as Json, json};
 
-use super::{ProviderConfig, Reply};
+use super::{ProviderConfig, Reply, Wire, effective_max_tokens};
+
+pub const WIRE: Wire = Wire {
+    name: "openai",
+    default_base_url: || "https://api.openai.com/v1".to_owned(),
+    default_key_env: "OPENAI_API_KEY",
+    endpoint,
+    body,
+    transport_fields: |_| serde_json::Map::new(),
+    authorize,
+    parse_reply,
+};
 
 pub fn endpoint(base_url: &str) -> String {
     format!("{}/chat/completions", base_url.trim_end_matches('/'))
+}
+
+fn authorize(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+    match key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    }
 }
 
 pub fn body(
@@ -15,26 +34,23 @@ pub fn body(
     schema: Option<&Json>,
     max_tokens: Option<u32>,
 ) -> Json {
-    let mut body = json!({ "model": config.model, "messages": messages });
-    let obj = body.as_object_mut().expect("a JSON object literal");
+    let mut body = serde_json::Map::new();
+    body.insert("model".into(), json!(config.model));
+    body.insert("messages".into(), messages.clone());
     if let Some(t) = config.temperature {
-        obj.insert("temperature".into(), json!(t));
+        body.insert("temperature".into(), json!(t));
     }
     if let Some(p) = config.top_p {
-        obj.insert("top_p".into(), json!(p));
+        body.insert("top_p".into(), json!(p));
     }
-    let max_tokens = match (max_tokens, config.max_tokens) {
-        (Some(asked), Some(cap)) => Some(asked.min(cap)),
-        (asked, cap) => asked.or(cap),
-    };
-    if let Some(n) = max_tokens {
-        obj.insert("max_tokens".into(), json!(n));
+    if let Some(n) = effective_max_tokens(config, max_tokens) {
+        body.insert("max_tokens".into(), json!(n));
     }
     if let Some(seed) = config.seed {
-        obj.insert("seed".into(), json!(seed));
+        body.insert("seed".into(), json!(seed));
     }
     if let Some(schema) = schema {
-        obj.insert(
+        body.insert(
             "response_format".into(),
             json!({
                 "type": "json_schema",
@@ -42,7 +58,7 @@ pub fn body(
             }),
         );
     }
-    body
+    Json::Object(body)
 }
 
 pub fn parse_reply(text: &str) -> Result<Reply, String> {
@@ -51,11 +67,12 @@ pub fn parse_reply(text: &str) -> Result<Reply, String> {
     let choice = value
         .pointer("/choices/0")
         .ok_or("the server's reply has no `choices`")?;
-    let content = choice
-        .pointer("/message/content")
-        .and_then(Json::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let message = |name: &str| {
+        choice
+            .pointer(&format!("/message/{name}"))
+            .and_then(Json::as_str)
+            .filter(|s| !s.is_empty())
+    };
     let usage = |name: &str| {
         value
             .pointer(&format!("/usage/{name}"))
@@ -63,13 +80,17 @@ pub fn parse_reply(text: &str) -> Result<Reply, String> {
             .unwrap_or(0)
     };
     Ok(Reply {
-        content,
+        content: message("content").unwrap_or_default().to_owned(),
         finish_reason: choice
             .get("finish_reason")
             .and_then(Json::as_str)
             .map(str::to_owned),
         prompt_tokens: usage("prompt_tokens"),
         completion_tokens: usage("completion_tokens"),
+        cost: value.pointer("/usage/cost").and_then(Json::as_f64),
+        reasoning: message("reasoning")
+            .or_else(|| message("reasoning_content"))
+            .map(str::to_owned),
     })
 }
 
@@ -80,17 +101,13 @@ mod tests {
 
     fn config() -> ProviderConfig {
         ProviderConfig {
-            kind: ProviderKind::Openai,
             base_url: "http://localhost:11434/v1/".into(),
             model: "smollm2".into(),
             api_key_env: Some("OPENAI_API_KEY".into()),
-            concurrency: 4,
             temperature: Some(0.7),
-            top_p: None,
             max_tokens: Some(500),
             seed: Some(7),
-            timeout_secs: 60,
-            max_retries: 2,
+            ..crate::provider::tests::config(ProviderKind::Openai)
         }
     }
 
@@ -102,16 +119,20 @@ mod tests {
             endpoint(&config().base_url),
             "http://localhost:11434/v1/chat/completions"
         );
+        // The exact text matters: it is hashed into every cache key of this provider.
         assert_eq!(
-            body(&config(), &messages, Some(&schema), Some(800)),
-            json!({
-                "model": "smollm2",
-                "messages": [{"role": "user", "content": "hi"}],
-                "temperature": 0.7,
-                "max_tokens": 500,
-                "seed": 7,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "output", "strict": true, "schema": {"type": "object"}}},
-            })
+            body(&config(), &messages, Some(&schema), Some(800)).to_string(),
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"temperature":0.7,"max_tokens":500,"seed":7,"response_format":{"type":"json_schema","json_schema":{"name":"output","strict":true,"schema":{"type":"object"}}}}"#
+        );
+        let bare = ProviderConfig {
+            temperature: None,
+            max_tokens: None,
+            seed: None,
+            ..config()
+        };
+        assert_eq!(
+            body(&bare, &messages, None, None),
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]})
         );
     }
 
@@ -127,9 +148,38 @@ mod tests {
                 content: "{}".into(),
                 finish_reason: Some("length".into()),
                 prompt_tokens: 12,
-                completion_tokens: 30
+                completion_tokens: 30,
+                cost: None,
+                reasoning: None,
             }
         );
         assert!(parse_reply("{}").unwrap_err().contains("no `choices`"));
+        assert!(parse_reply("<html>").unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn parses_openrouter_cost_and_reasoning() {
+        let reply = parse_reply(
+            r#"{"id":"gen-1","provider":"DeepInfra","choices":[{"finish_reason":"stop","native_finish_reason":"stop","message":{"role":"assistant","content":"{\"pairs\":[]}","reasoning":"Two pairs fit."}}],"usage":{"prompt_tokens":40,"completion_tokens":9,"total_tokens":49,"cost":0.000123}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reply,
+            Reply {
+                content: r#"{"pairs":[]}"#.into(),
+                finish_reason: Some("stop".into()),
+                prompt_tokens: 40,
+                completion_tokens: 9,
+                cost: Some(0.000123),
+                reasoning: Some("Two pairs fit.".into()),
+            }
+        );
+        // vLLM and DeepSeek name it `reasoning_content`; a null content reads as empty.
+        let reply = parse_reply(
+            r#"{"choices":[{"message":{"content":null,"reasoning_content":"hmm"},"finish_reason":"length"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(reply.content, "");
+        assert_eq!(reply.reasoning.as_deref(), Some("hmm"));
     }
 }

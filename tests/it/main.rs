@@ -2,4 +2,5 @@ mod mock;
 mod mock_selftest;
 
 mod incremental;
+mod providers;
 mod support;

@@ -1,5 +1,10 @@
 mod mock;
 mod mock_selftest;
 
+mod commands;
+mod documents;
+mod errors;
 mod incremental;
+mod resume;
+mod secrets;
 mod support;

@@ -104,8 +104,7 @@ impl Stage for Chunk {
                 StageStats::add(&cx.stats.items, 1);
                 let Some(text) = record.str_field(&self.config.field) else {
                     return Err(StageError::Message(format!(
-                        "stage `{}`: record {} has no text field `{}`",
-                        cx.name,
+                        "record {} has no text field `{}`",
                         record.lineage.display(),
                         self.config.field
                     )));

@@ -122,8 +122,7 @@ impl Generate {
             Some(m @ Json::Array(_)) => m,
             _ => {
                 return Err(StageError::Message(format!(
-                    "stage `{}`: record {} has no `messages`; put a `prompt` stage before it",
-                    cx.name,
+                    "record {} has no `messages`; put a `prompt` stage before it",
                     record.lineage.display()
                 )));
             }

@@ -227,8 +227,7 @@ impl Stage for Load {
             }
             if records.is_empty() {
                 return Err(StageError::Message(format!(
-                    "stage `{}`: no documents to load from {}",
-                    cx.name,
+                    "no documents to load from {}",
                     self.config
                         .paths
                         .iter()

@@ -1,6 +1,11 @@
 mod mock;
 mod mock_selftest;
+mod support;
 
+mod commands;
+mod documents;
+mod errors;
 mod incremental;
 mod providers;
-mod support;
+mod resume;
+mod secrets;

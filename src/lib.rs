@@ -9,6 +9,7 @@ pub mod config;
 pub mod dag;
 pub mod provider;
 pub mod record;
+pub mod repair;
 pub mod report;
 pub mod runner;
 pub mod stage;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::cache::DiskStore;
 use crate::config::Plan;
 use crate::record::Record;
-use crate::stage::{Mode, RunShared, StageContext, StageError, StageStats};
+use crate::stage::{Mode, Reject, RunShared, StageContext, StageError, StageStats};
 
 pub struct RunOptions {
     pub mode: Mode,
@@ -30,6 +30,7 @@ pub struct StageOutcome {
 
 pub struct RunOutcome {
     pub stages: Vec<StageOutcome>,
+    pub rejects: Vec<Reject>,
     pub elapsed: Duration,
 }
 
@@ -68,6 +69,7 @@ pub async fn execute(plan: &Plan, options: &RunOptions) -> Result<RunOutcome, Ru
         rejects: Default::default(),
         progress,
         stop: Default::default(),
+        usage: Default::default(),
     });
     let signals =
         (options.mode == Mode::Run).then(|| tokio::spawn(watch_interrupts(shared.clone())));
@@ -139,8 +141,10 @@ pub async fn execute(plan: &Plan, options: &RunOptions) -> Result<RunOutcome, Ru
     if let Some(handle) = signals {
         handle.abort();
     }
+    let rejects = std::mem::take(&mut *shared.rejects.lock().unwrap_or_else(|e| e.into_inner()));
     result.map(|()| RunOutcome {
         stages: outcomes,
+        rejects,
         elapsed: started.elapsed(),
     })
 }

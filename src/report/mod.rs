@@ -7,7 +7,7 @@ use serde_json::{Value as Json, json};
 
 use crate::config::Plan;
 use crate::runner::{RunOutcome, StageOutcome};
-use crate::stage::StageStats;
+use crate::stage::{Reject, StageStats};
 
 fn get(counter: &std::sync::atomic::AtomicU64) -> u64 {
     StageStats::get(counter)
@@ -26,7 +26,7 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-fn stage_line(stage: &StageOutcome) -> String {
+fn stage_line(stage: &StageOutcome, rejects: &[Reject]) -> String {
     let s = &stage.stats;
     let mut line = match stage.kind {
         "load" => {
@@ -43,8 +43,15 @@ fn stage_line(stage: &StageOutcome) -> String {
                 thousands(get(&s.to_run)),
                 thousands(get(&s.cached)),
             );
-            if get(&s.retries) > 0 {
-                let _ = write!(l, ", {} retries", get(&s.retries));
+            for (counter, what) in [
+                (&s.retries, "retries"),
+                (&s.repairs, "repaired"),
+                (&s.reasks, "re-asked"),
+                (&s.grown, "with a larger budget"),
+            ] {
+                if get(counter) > 0 {
+                    let _ = write!(l, ", {} {what}", thousands(get(counter)));
+                }
             }
             if get(&s.tokens_in) + get(&s.tokens_out) > 0 {
                 let _ = write!(
@@ -53,6 +60,9 @@ fn stage_line(stage: &StageOutcome) -> String {
                     thousands(get(&s.tokens_in)),
                     thousands(get(&s.tokens_out))
                 );
+            }
+            if get(&s.cost_nanos) > 0 {
+                let _ = write!(l, " · cost {:.4}", get(&s.cost_nanos) as f64 / 1e9);
             }
             let _ = write!(l, " → {} records", thousands(stage.records_out as u64));
             l
@@ -70,8 +80,21 @@ fn stage_line(stage: &StageOutcome) -> String {
         ),
         _ => format!("{} records", thousands(stage.records_out as u64)),
     };
-    if get(&s.rejected) > 0 && stage.kind != "export" {
-        let _ = write!(line, " · {} rejected", get(&s.rejected));
+    if get(&s.rejected) > 0 {
+        // By reason, most frequent first: `3 rejected (2 truncated, 1 schema)`.
+        let mut by_code: std::collections::BTreeMap<&str, u64> = Default::default();
+        for r in rejects.iter().filter(|r| r.stage == stage.name) {
+            *by_code.entry(r.code).or_default() += 1;
+        }
+        let mut codes: Vec<(&str, u64)> = by_code.into_iter().collect();
+        codes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let codes: Vec<String> = codes.iter().map(|(c, n)| format!("{n} {c}")).collect();
+        let _ = write!(
+            line,
+            " · {} rejected ({})",
+            get(&s.rejected),
+            codes.join(", ")
+        );
     }
     line
 }
@@ -95,7 +118,7 @@ pub fn summary(plan: &Plan, outcome: &RunOutcome) -> String {
             "  {:width$}  {:8}  {}",
             stage.name,
             stage.kind,
-            stage_line(stage)
+            stage_line(stage, &outcome.rejects)
         );
         for note in stage
             .stats

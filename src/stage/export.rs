@@ -212,7 +212,7 @@ impl Stage for Export {
                         buf.push(b'\n');
                         *rows.entry(split).or_default() += 1;
                     }
-                    Err(reason) => cx.reject(&record.lineage, reason, None),
+                    Err(reason) => cx.reject(&record.lineage, "empty_field", reason, None),
                 }
             }
 
@@ -260,6 +260,7 @@ impl Stage for Export {
                 "models": cx.shared.models,
                 "splits": splits,
                 "rejects": rejects.len(),
+                "usage": *cx.shared.usage.lock().unwrap_or_else(|e| e.into_inner()),
                 "documents": documents,
             });
             let mut manifest_bytes = serde_json::to_vec_pretty(&manifest)

@@ -219,6 +219,9 @@ pub enum Mode {
 #[derive(Debug, Clone, Serialize)]
 pub struct Reject {
     pub stage: String,
+    /// A short machine-readable reason: `truncated`, `invalid_json`, `schema`, `refused`,
+    /// `call_failed`, `validate`, `empty_field`.
+    pub code: &'static str,
     pub source: String,
     pub lineage: String,
     pub reason: String,
@@ -244,11 +247,45 @@ pub struct RunShared {
     pub progress: indicatif::MultiProgress,
     /// Set on Ctrl-C: no new LLM call starts.
     pub stop: AtomicBool,
+    /// Tokens of every reply the outputs are built from (sent now or earlier), per provider.
+    pub usage: Mutex<BTreeMap<String, Usage>>,
+}
+
+/// Token use of the replies behind a dataset.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Usage {
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// What the server reported the calls cost, summed in billionths so that the sum does not
+    /// depend on the order replies arrived in; absent when the server reports no cost.
+    #[serde(skip)]
+    pub cost_nanos: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+}
+
+/// A reported cost in billionths of its unit.
+pub fn cost_nanos(cost: f64) -> u64 {
+    (cost.max(0.0) * 1e9).round() as u64
 }
 
 impl RunShared {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn count_usage(&self, provider: &str, reply: &crate::provider::Reply) {
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = usage.entry(provider.to_owned()).or_default();
+        entry.calls += 1;
+        entry.prompt_tokens += reply.prompt_tokens;
+        entry.completion_tokens += reply.completion_tokens;
+        if let Some(cost) = reply.cost {
+            let nanos = entry.cost_nanos.unwrap_or(0) + cost_nanos(cost);
+            entry.cost_nanos = Some(nanos);
+            entry.cost = Some(nanos as f64 / 1e9);
+        }
     }
 }
 
@@ -262,8 +299,16 @@ pub struct StageStats {
     /// LLM calls not in the cache (sent in a run, to be sent in a plan).
     pub to_run: AtomicU64,
     pub retries: AtomicU64,
+    /// Replies fixed by a safe repair.
+    pub repairs: AtomicU64,
+    /// Invalid replies asked again with the validation error.
+    pub reasks: AtomicU64,
+    /// Replies cut off at the token limit, asked again with a larger budget.
+    pub grown: AtomicU64,
     pub tokens_in: AtomicU64,
     pub tokens_out: AtomicU64,
+    /// Cost of the calls sent in this run, in billionths, when the server reports it.
+    pub cost_nanos: AtomicU64,
     pub rejected: AtomicU64,
     /// Inputs skipped by a documented rule (empty, binary … files; duplicates).
     pub skipped: AtomicU64,
@@ -302,7 +347,13 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
-    pub fn reject(&self, lineage: &Lineage, reason: String, reply: Option<&str>) {
+    pub fn reject(
+        &self,
+        lineage: &Lineage,
+        code: &'static str,
+        reason: String,
+        reply: Option<&str>,
+    ) {
         StageStats::add(&self.stats.rejected, 1);
         let reply = reply.map(|r| {
             let mut r: String = r.chars().take(2000).collect();
@@ -317,6 +368,7 @@ impl StageContext<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .push(Reject {
                 stage: self.name.to_owned(),
+                code,
                 source: lineage.source.to_string(),
                 lineage: lineage.display(),
                 reason,

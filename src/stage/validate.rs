@@ -62,6 +62,7 @@ impl Stage for Validate {
                         let reply = serde_json::to_string(&record.data).ok();
                         cx.reject(
                             &record.lineage,
+                            "validate",
                             format!("does not match {}: {err}", self.schema.path.display()),
                             reply.as_deref(),
                         );

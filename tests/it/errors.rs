@@ -44,7 +44,7 @@ fn validate_reports_every_error_with_its_position() {
   |
 9 |     modle: m
   |     ^
-  hint: did you mean `model`? valid fields: `kind`, `base_url`, `model`, `api_key_env`, `concurrency`, `temperature`, `top_p`, `max_tokens`, `seed`, `timeout_secs`, `max_retries`
+  hint: did you mean `model`? valid fields: `kind`, `base_url`, `model`, `api_key_env`, `headers`, `concurrency`, `requests_per_minute`, `tokens_per_minute`, `temperature`, `top_p`, `max_tokens`, `seed`, `num_ctx`, `keep_alive`, `timeout_secs`, `max_retries`, `retry_delay_ms`
 error: bad.yaml:13:13: undefined var `doc`
    |
 13 |     paths: ["${doc}/*.md"]
@@ -73,7 +73,7 @@ error: bad.yaml:25:5: stage `pairs`: unknown field `tempurature`
    |
 25 |     tempurature: 3
    |     ^
-  hint: valid fields: `provider`, `schema`, `items_field`, `max_tokens`, `tokens_per_item`
+  hint: valid fields: `provider`, `schema`, `items_field`, `max_tokens`, `tokens_per_item`, `reasks`, `length_retries`
 7 errors in the pipeline; nothing was run
 "#;
     assert_eq!(stderr(&output), expected);
@@ -108,7 +108,7 @@ fn run_refuses_a_bad_pipeline_without_sending_or_writing() {
     assert_eq!(output.status.code(), Some(2));
     let err = stderr(&output);
     assert!(
-        err.starts_with("error: p.yaml:43:5: stage `chunks`: unknown field `chunk_size`\n"),
+        err.starts_with("error: p.yaml:45:5: stage `chunks`: unknown field `chunk_size`\n"),
         "{err}"
     );
     assert!(

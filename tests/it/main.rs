@@ -1,3 +1,4 @@
+mod faults_support;
 mod mock;
 mod mock_selftest;
 mod support;
@@ -7,5 +8,6 @@ mod documents;
 mod errors;
 mod incremental;
 mod providers;
+mod replies;
 mod resume;
 mod secrets;

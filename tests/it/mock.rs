@@ -103,8 +103,11 @@ pub struct Faults {
     /// Share answered normally after [`Faults::slow_delay`] more.
     pub slow: f64,
     pub slow_delay: Duration,
-    /// Share answered 200 with content that is not JSON (every attempt).
+    /// Share answered 200 with content that is not JSON and holds none (every attempt).
     pub malformed: f64,
+    /// Share answered 200 with the JSON inside prose and a code fence, with a trailing comma:
+    /// broken, but safely repairable (every attempt).
+    pub repairable: f64,
     /// Share answered 200 with the first half of the JSON and finish reason `length`
     /// (Ollama `done_reason: length`, Anthropic `stop_reason: max_tokens`) (every attempt).
     pub truncated: f64,
@@ -126,6 +129,7 @@ impl Default for Faults {
             slow: 0.0,
             slow_delay: Duration::ZERO,
             malformed: 0.0,
+            repairable: 0.0,
             truncated: 0.0,
             times: 1,
             capacity: None,
@@ -152,6 +156,7 @@ pub enum Fault {
     Reset,
     Slow,
     Malformed,
+    Repairable,
     Truncated,
 }
 
@@ -164,13 +169,17 @@ impl Fault {
             Fault::Reset => "reset",
             Fault::Slow => "slow",
             Fault::Malformed => "malformed",
+            Fault::Repairable => "repairable",
             Fault::Truncated => "truncated",
         }
     }
 
     /// A fault a retry gets past.
     pub fn transient(self) -> bool {
-        !matches!(self, Fault::Malformed | Fault::Truncated)
+        !matches!(
+            self,
+            Fault::Malformed | Fault::Repairable | Fault::Truncated
+        )
     }
 }
 
@@ -185,6 +194,7 @@ impl Faults {
             (Fault::Reset, self.reset),
             (Fault::Slow, self.slow),
             (Fault::Malformed, self.malformed),
+            (Fault::Repairable, self.repairable),
             (Fault::Truncated, self.truncated),
         ] {
             edge += share;
@@ -634,6 +644,10 @@ async fn answer(
         .clone()
         .unwrap_or_else(|| Value::String(String::from_utf8_lossy(body).into_owned()));
     let user = parsed.as_ref().map(last_user_text).unwrap_or_default();
+    // The answer is about the task (the first user message), as a model answering a follow-up
+    // still answers the original request; faults are picked by the last message, so a
+    // follow-up meets its own luck.
+    let task = parsed.as_ref().map(first_user_text).unwrap_or_default();
     let (index, attempt) = {
         let mut log = shared.log();
         let index = log.requests;
@@ -700,10 +714,22 @@ async fn answer(
 
     let count = behavior
         .items
-        .unwrap_or_else(|| parse_item_count(&user).unwrap_or(2));
-    let pairs = pairs_content(&user, count);
+        .unwrap_or_else(|| parse_item_count(&task).unwrap_or(2));
+    let pairs = pairs_content(&task, count);
     let content = match fault {
-        Some(Fault::Malformed) => Content::Text(format!("Sure! Here are the pairs: {pairs}")),
+        Some(Fault::Malformed) => Content::Text(
+            "Sure! The passage is about records and their owners, and how they are reviewed."
+                .to_owned(),
+        ),
+        Some(Fault::Repairable) => {
+            let with_comma = match pairs.strip_suffix("]}") {
+                Some(head) => format!("{head}],}}"),
+                None => pairs.clone(),
+            };
+            Content::Text(format!(
+                "Here are the pairs:\n```json\n{with_comma}\n```\nHope this helps!"
+            ))
+        }
         Some(Fault::Truncated) => {
             let half: String = pairs.chars().take(pairs.chars().count() / 2).collect();
             Content::Truncated(half)
@@ -822,6 +848,19 @@ pub fn jitter_delay(max: Duration, index: usize) -> Duration {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     Duration::from_nanos(z % max_nanos)
+}
+
+/// The text of the first user message of a request body (any of the three formats).
+pub fn first_user_text(request: &Value) -> String {
+    request
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| {
+            m.iter()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .map(message_text)
+        .unwrap_or_default()
 }
 
 /// The text of the last user message of a request body (any of the three formats).

@@ -154,13 +154,13 @@ fn replies_are_deterministic_in_the_user_message() {
     for q in &qa {
         assert!(!qb.contains(q), "question {q:?} appears for both messages");
     }
-    // Only the LAST user message counts.
+    // A follow-up is answered about the task: the FIRST user message counts.
     let multi = json!({
         "model": "m",
         "messages": [
-            {"role": "user", "content": "Chunk two: pears."},
-            {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "Chunk one: apples."},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "Chunk two: pears."},
         ],
     });
     let m = post_chat_blocking(&mock, &multi, None).1;

@@ -6,17 +6,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-// Declared here so that main.rs needs only `mod providers;`.
-#[path = "faults_support.rs"]
-mod faults_support;
-
-use crate::mock::{Api, Behavior, Faults, MockLlm, RetryAfter, last_user_text, parse_item_count};
-use crate::support::{repo, stderr};
-use faults_support::{
+use crate::faults_support::{
     Kind, assert_ok, dataset_bytes, dataset_rows, docs_workspace, file_count, files_containing,
     many_docs_workspace, rejects, retries_in, run_shipped, run_with, shipped,
     shipped_with_provider_fields,
 };
+use crate::mock::{Api, Behavior, Faults, MockLlm, RetryAfter, last_user_text, parse_item_count};
+use crate::support::{repo, stderr};
 
 /// The JSON Schema the shipped pipeline sends.
 fn qa_schema() -> Value {
@@ -361,7 +357,11 @@ fn a_call_that_keeps_failing_is_given_up_and_rejected_with_the_reason() {
     );
     assert_eq!(mock.injected_count("server_error"), 3 * failed);
     assert_eq!(mock.requests(), 12 + 2 * failed);
-    assert_eq!(retries_in(&output), 0, "only answered calls count retries");
+    assert_eq!(
+        retries_in(&output),
+        2 * failed,
+        "retries of calls that gave up count too"
+    );
     let rejects = rejects(&ws);
     assert_eq!(rejects.len(), failed);
     for reject in &rejects {
@@ -387,7 +387,6 @@ fn bad_replies_land_in_rejects_for_every_provider() {
         });
         let output = run_shipped(&ws, &mock, kind, &[]);
         assert_ok(&output);
-        assert_eq!(mock.requests(), 30, "{kind:?}: bad content is not retried");
         let (malformed, truncated) = (
             mock.injected_count("malformed"),
             mock.injected_count("truncated"),
@@ -406,10 +405,25 @@ fn bad_replies_land_in_rejects_for_every_provider() {
             .iter()
             .filter(|r| reason(r).contains("cut off at the token limit"))
             .count();
+        // A truncated reply is retried once with twice the budget; the mock cuts the same
+        // message again, so each ends as one `truncated` reject after two requests.
+        // A malformed reply is re-asked once with the error; the re-ask is a different
+        // message, which the mock may or may not break again: only those that break twice
+        // are rejected.
+        assert_eq!(truncated % 2, 0, "{kind:?}");
+        assert_eq!(cut, truncated / 2, "{kind:?}: {rejects:?}");
+        assert_eq!(rejects.len(), not_json + cut, "{kind:?}: {rejects:?}");
+        let reasked = malformed - not_json;
         assert_eq!(
-            (not_json, cut, rejects.len()),
-            (malformed, truncated, malformed + truncated),
-            "{kind:?}: {rejects:?}"
+            mock.requests(),
+            30 + reasked + truncated / 2,
+            "{kind:?}: one follow-up per bad reply"
+        );
+        let summary = stderr(&output);
+        assert!(
+            summary.contains(&format!("{reasked} re-asked"))
+                && summary.contains(&format!("{} with a larger budget", truncated / 2)),
+            "{kind:?}: {summary}"
         );
     }
 }
@@ -546,8 +560,9 @@ fn requests_per_minute_spaces_requests() {
     let arrivals = mock.arrivals();
     assert_eq!(arrivals.len(), 12);
     let span = *arrivals.last().unwrap() - arrivals[0];
+    // Only a lower bound: a loaded machine can make a run slower, never the limiter faster.
     assert!(
-        span >= Duration::from_millis(1900) && span < Duration::from_secs(6),
+        span >= Duration::from_millis(1900),
         "12 requests at 240/min took {span:?}"
     );
     // No second holds more than its share plus the burst.

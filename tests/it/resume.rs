@@ -57,3 +57,102 @@ fn sigkill_mid_run_then_rerun_sends_only_unfinished_calls() {
         total - finished
     )));
 }
+
+#[test]
+fn ctrl_c_lets_calls_in_flight_finish_caches_them_and_writes_nothing() {
+    let ws = Workspace::new();
+    for topic in ["a", "b", "c", "d", "e", "f"] {
+        ws.write(&format!("docs/{topic}.md"), sample_doc(topic));
+    }
+    let mock = MockLlm::start(Behavior {
+        latency: Duration::from_millis(400),
+        ..Behavior::default()
+    });
+    let mut args = ws.docs_qa_args(&mock, "run");
+    args.extend(["--set".to_owned(), "concurrency=2".to_owned()]);
+    let child = Command::new(env!("CARGO_BIN_EXE_keg"))
+        .args(&args)
+        .current_dir(ws.dir.path())
+        .env("KEG_CACHE_DIR", ws.path("cache"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mock.requests() < 3 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent_before = mock.requests();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    // No call starts after the signal beyond one racing it per slot (concurrency 2).
+    assert!(
+        mock.requests() <= sent_before + 2,
+        "{} after {sent_before}",
+        mock.requests()
+    );
+    assert!(mock.requests() < 18, "the run went on to the end");
+    let err = stderr(&output);
+    assert!(err.contains("stopping after the calls in flight"), "{err}");
+    assert!(
+        err.contains("interrupted: finished calls are cached; no output file was written"),
+        "{err}"
+    );
+    assert!(!ws.path("out").exists());
+    // Every request that was sent finished and was cached: none is paid for twice.
+    let sent = mock.requests();
+    assert_eq!(cached_calls(&ws), sent);
+    mock.reset();
+    ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 18 - sent);
+}
+
+#[test]
+fn two_runs_sharing_one_cache_at_once_do_not_corrupt_it() {
+    let ws = Workspace::new();
+    for topic in ["a", "b", "c", "d"] {
+        ws.write(&format!("docs/{topic}.md"), sample_doc(topic));
+    }
+    let mock = MockLlm::start(Behavior {
+        latency: Duration::from_millis(30),
+        jitter: Duration::from_millis(30),
+        ..Behavior::default()
+    });
+    let spawn = |out: &str| {
+        let mut args = ws.docs_qa_args(&mock, "run");
+        args.extend(["--set".to_owned(), format!("out={out}")]);
+        Command::new(env!("CARGO_BIN_EXE_keg"))
+            .args(&args)
+            .current_dir(ws.dir.path())
+            .env("KEG_CACHE_DIR", ws.path("cache"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("out-a"), spawn("out-b"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(b.status.success(), "{}", stderr(&b));
+    for name in ["train.jsonl", "valid.jsonl", "test.jsonl", "rejects.jsonl"] {
+        assert_eq!(
+            std::fs::read(ws.path(&format!("out-a/{name}"))).unwrap(),
+            std::fs::read(ws.path(&format!("out-b/{name}"))).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(cached_calls(&ws), 12);
+    mock.reset();
+    ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0);
+    assert_eq!(
+        std::fs::read(ws.path("out/train.jsonl")).unwrap(),
+        std::fs::read(ws.path("out-a/train.jsonl")).unwrap()
+    );
+}

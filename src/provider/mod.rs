@@ -525,6 +525,14 @@ fn server_message(text: &str) -> String {
     message
 }
 
+/// `Authorization: Bearer KEY` when there is a key (OpenAI-compatible servers, Ollama).
+pub fn bearer(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+    match key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

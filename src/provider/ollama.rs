@@ -12,7 +12,8 @@ pub const WIRE: Wire = Wire {
     endpoint,
     body,
     transport_fields,
-    authorize,
+    // Ollama's own server needs no key; its cloud and authenticating proxies take a bearer.
+    authorize: super::bearer,
     parse_reply,
 };
 
@@ -55,14 +56,6 @@ pub fn endpoint(base_url: &str) -> String {
     let base = base_url.trim_end_matches('/');
     let base = base.strip_suffix("/v1").unwrap_or(base);
     format!("{base}/api/chat")
-}
-
-fn authorize(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
-    // Ollama's own server needs no key; its cloud and authenticating proxies take a bearer.
-    match key {
-        Some(key) => request.bearer_auth(key),
-        None => request,
-    }
 }
 
 pub fn body(

@@ -13,19 +13,12 @@ pub const WIRE: Wire = Wire {
     endpoint,
     body,
     transport_fields: |_| serde_json::Map::new(),
-    authorize,
+    authorize: super::bearer,
     parse_reply,
 };
 
 pub fn endpoint(base_url: &str) -> String {
     format!("{}/chat/completions", base_url.trim_end_matches('/'))
-}
-
-fn authorize(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
-    match key {
-        Some(key) => request.bearer_auth(key),
-        None => request,
-    }
 }
 
 pub fn body(

@@ -1,4 +1,5 @@
 mod faults_support;
+mod graph;
 mod mock;
 mod mock_selftest;
 mod support;

@@ -277,13 +277,14 @@ impl Generate {
                 Err(problem) => problem,
             };
             let truncated = reply.finish_reason.as_deref() == Some("length");
-            if truncated && grows < self.config.length_retries {
-                if let Some(bigger) = self.bigger_budget(request.max_tokens) {
-                    grows += 1;
-                    StageStats::add(&cx.stats.grown, 1);
-                    request = self.request(request.messages.clone(), Some(bigger));
-                    continue;
-                }
+            if truncated
+                && grows < self.config.length_retries
+                && let Some(bigger) = self.bigger_budget(request.max_tokens)
+            {
+                grows += 1;
+                StageStats::add(&cx.stats.grown, 1);
+                request = self.request(request.messages.clone(), Some(bigger));
+                continue;
             }
             if problem.reask && !truncated && reasks < self.config.reasks {
                 reasks += 1;

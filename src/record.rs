@@ -86,6 +86,11 @@ pub fn canonical_hash(value: &Value) -> blake3::Hash {
     hasher.finalize()
 }
 
+/// Canonical JSON of `value`, fed straight into a hasher.
+pub fn write_canonical_into(value: &Value, hasher: &mut blake3::Hasher) {
+    write_canonical(value, &mut HashWriter(hasher));
+}
+
 trait Sink {
     fn put(&mut self, bytes: &[u8]);
 }

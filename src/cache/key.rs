@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::record::canonical_hash;
+use crate::record::write_canonical_into;
 
 /// The bucket LLM calls are stored in; its suffix follows [`CALL_KEY_VERSION`].
 pub const CALLS_BUCKET: &str = "calls-v1";
@@ -25,9 +25,28 @@ pub struct CallKey<'a> {
 }
 
 impl CallKey<'_> {
+    /// blake3 of the canonical JSON of this struct, written field by field (in sorted key
+    /// order) so the request body is hashed in place rather than copied first.
     pub fn digest(&self) -> blake3::Hash {
-        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        canonical_hash(&value)
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"{\"body\":");
+        write_canonical_into(self.body, &mut hasher);
+        hasher.update(b",\"endpoint\":");
+        hasher.update(
+            serde_json::Value::from(self.endpoint)
+                .to_string()
+                .as_bytes(),
+        );
+        hasher.update(b",\"key_version\":");
+        hasher.update(self.key_version.to_string().as_bytes());
+        hasher.update(b",\"provider\":");
+        hasher.update(
+            serde_json::Value::from(self.provider)
+                .to_string()
+                .as_bytes(),
+        );
+        hasher.update(b"}");
+        hasher.finalize()
     }
 }
 
@@ -55,6 +74,19 @@ mod tests {
             key.digest().to_hex().as_str(),
             "0d472ff6d399c3b5d671b4b12601b2b757d2771d93330a2bff445a970d800641"
         );
+    }
+
+    #[test]
+    fn call_key_is_the_canonical_json_of_its_fields() {
+        let body = json!({"model": "m", "messages": [{"content": "x", "role": "user"}]});
+        let key = CallKey {
+            key_version: 1,
+            provider: "openai",
+            endpoint: "http://h/v1/chat/completions",
+            body: &body,
+        };
+        let value = serde_json::to_value(&key).unwrap();
+        assert_eq!(key.digest(), crate::record::canonical_hash(&value));
     }
 
     #[test]

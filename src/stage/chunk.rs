@@ -100,15 +100,17 @@ impl Stage for Chunk {
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
             let mut out = Vec::with_capacity(input.len() * 2);
-            for record in input {
+            for mut record in input {
                 StageStats::add(&cx.stats.items, 1);
-                let Some(text) = record.str_field(&self.config.field) else {
+                // Take the text out so each chunk copies the other fields, not the document.
+                let Some(Json::String(text)) = record.data.shift_remove(&self.config.field) else {
                     return Err(StageError::Message(format!(
                         "record {} has no text field `{}`",
                         record.lineage.display(),
                         self.config.field
                     )));
                 };
+                let text = text.as_str();
                 let pieces = match self.config.strategy {
                     Strategy::Markdown => {
                         chunker::split_markdown(text, self.config.max_chars, self.config.overlap)

@@ -1,0 +1,260 @@
+//! Targets 1 and 2: calls per second against a fixed latency, against slow replies (beside a
+//! barrier-free client on the same server), output order under reordering, and `keg`'s CPU
+//! per call.
+
+use anyhow::{Context, Result, bail};
+
+use crate::keg::Invocation;
+use crate::mock::{Behavior, Window};
+use crate::report::{Figure, Goal, thousands};
+use crate::{Bench, baseline, progress};
+
+/// Calls per second over the mock's window.
+fn rate(window: &Window) -> f64 {
+    window.requests as f64 / window.span.as_secs_f64().max(1e-9)
+}
+
+/// Target 1 at fixed latency, and target 2 from the same runs.
+pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
+    let latency = bench.options.latency;
+    let jitter = bench.options.jitter;
+    disk_calibration(bench)?;
+    for (concurrency, throughput_id, cpu_id) in [(64, "1a", "2a"), (512, "1b", "2b")] {
+        let wanted = concurrency * bench.sizes.rounds;
+        let (glob, calls) = bench.corpus()?.glob_for_calls(wanted);
+        bench.mock.set(Behavior {
+            capture: true,
+            ..bench.timed_behavior()
+        });
+        bench.mock.reset();
+        let cache = bench.cache_dir(&format!("cache-throughput-{concurrency}"))?;
+        let out = bench.fresh_dir(&format!("out-throughput-{concurrency}"))?;
+        let run = bench.keg.run(
+            &Invocation::new("run", &bench.pipeline, &cache)
+                .set("glob", glob)
+                .set("out", out.display())
+                .set("base_url", bench.mock.base_url())
+                .set("concurrency", concurrency)
+                .flag("--no-cache"),
+        )?;
+        let window = bench.mock.window();
+        // The same bodies from the barrier-free client: what this machine allows right now.
+        let bodies = bench.mock.take_bodies();
+        bench.mock.set(bench.timed_behavior());
+        bench.mock.reset();
+        baseline::run(&bench.mock.endpoint(), bodies, concurrency)
+            .context("the baseline client failed")?;
+        let base = bench.mock.window();
+        if window.requests != calls as u64 {
+            progress(&format!(
+                "warning: {} requests for {calls} chunks (retries?)",
+                window.requests
+            ));
+        }
+        // Each of N workers completes one call per (latency + mean jitter).
+        let ideal = concurrency as f64 / (latency + jitter / 2).as_secs_f64();
+        let measured = rate(&window);
+        bench.push(
+            Figure::new(
+                throughput_id,
+                format!(
+                    "throughput, {} ms latency, concurrency {concurrency} ({} calls)",
+                    latency.as_millis(),
+                    thousands(window.requests)
+                ),
+            )
+            .compare(
+                (measured, format!("{measured:.0} calls/s")),
+                (ideal, format!("{ideal:.0} calls/s")),
+                Goal::AtLeast(0.95),
+            ),
+        );
+        let base_rate = rate(&base);
+        bench.push(
+            Figure::new(
+                throughput_id,
+                format!(
+                    "  barrier-free client, same bodies and server (in flight: keg {:.1}, client {:.1})",
+                    window.in_flight(),
+                    base.in_flight()
+                ),
+            )
+            .compare(
+                (base_rate, format!("{base_rate:.0} calls/s")),
+                (ideal, format!("{ideal:.0} calls/s")),
+                Goal::Info,
+            ),
+        );
+        let per_call = run.cpu.as_secs_f64() / window.requests.max(1) as f64;
+        bench.push(
+            Figure::new(
+                cpu_id,
+                format!("keg CPU per call, all stages (concurrency {concurrency})"),
+            )
+            .compare(
+                (per_call, format!("{:.1} µs", per_call * 1e6)),
+                (50e-6, "50 µs".to_owned()),
+                Goal::AtMost(1.0),
+            ),
+        );
+        bench.push(
+            Figure::new(cpu_id, "  that run: keg wall, CPU, peak memory").info(format!(
+                "{:.2} s wall, {:.2} s CPU, {} MB peak",
+                run.wall.as_secs_f64(),
+                run.cpu.as_secs_f64(),
+                run.max_rss / 1_000_000,
+            )),
+        );
+    }
+    Ok(())
+}
+
+/// Target 1 with slow replies: `keg` beside the barrier-free client, same bodies, same
+/// server; then the same calls answered in another order must give the same files.
+pub fn slow_replies(bench: &mut Bench) -> Result<()> {
+    let latency = bench.options.latency;
+    let slow = Behavior {
+        slow_fraction: bench.options.slow_fraction,
+        slow_latency: bench.options.slow_latency,
+        capture: true,
+        ..bench.timed_behavior()
+    };
+    let concurrencies = bench.sizes.slow_concurrency.clone();
+    for (n, concurrency) in concurrencies.into_iter().enumerate() {
+        let wanted = concurrency * bench.sizes.slow_rounds;
+        let (glob, _) = bench.corpus()?.glob_for_calls(wanted);
+        bench.mock.set(slow.clone());
+        bench.mock.reset();
+        let cache = bench.cache_dir(&format!("cache-slow-{concurrency}"))?;
+        let out = bench.fresh_dir(&format!("out-slow-{concurrency}"))?;
+        let invocation = Invocation::new("run", &bench.pipeline, &cache)
+            .set("glob", &glob)
+            .set("out", out.display())
+            .set("base_url", bench.mock.base_url())
+            .set("concurrency", concurrency)
+            .flag("--no-cache");
+        bench.keg.run(&invocation)?;
+        let keg = bench.mock.window();
+        let bodies = bench.mock.take_bodies();
+        if bodies.len() as u64 != keg.requests {
+            bail!(
+                "captured {} bodies for {} requests",
+                bodies.len(),
+                keg.requests
+            );
+        }
+        bench.mock.set(Behavior {
+            capture: false,
+            ..slow.clone()
+        });
+        bench.mock.reset();
+        baseline::run(&bench.mock.endpoint(), bodies, concurrency)
+            .context("the baseline client failed")?;
+        let base = bench.mock.window();
+        let (keg_rate, base_rate) = (rate(&keg), rate(&base));
+        let percent = bench.options.slow_fraction * 100.0;
+        bench.push(
+            Figure::new(
+                if n == 0 { "1c" } else { "1d" },
+                format!(
+                    "throughput, {percent}% of replies at {:.0} s, concurrency {concurrency}, vs barrier-free client",
+                    bench.options.slow_latency.as_secs_f64()
+                ),
+            )
+            .compare(
+                (keg_rate, format!("{keg_rate:.0} calls/s")),
+                (base_rate, format!("{base_rate:.0} calls/s")),
+                Goal::AtLeast(0.90),
+            ),
+        );
+        // What the baseline itself reaches, against the ideal of N / mean delay.
+        let mean = (1.0 - bench.options.slow_fraction)
+            * (latency + bench.options.jitter / 2).as_secs_f64()
+            + bench.options.slow_fraction * bench.options.slow_latency.as_secs_f64();
+        let ideal = concurrency as f64 / mean;
+        bench.push(
+            Figure::new(
+                if n == 0 { "1c" } else { "1d" },
+                format!(
+                    "  barrier-free client vs N ÷ mean delay ({} calls, {} slow; in flight: keg {:.1}, client {:.1})",
+                    thousands(base.requests),
+                    base.slow,
+                    keg.in_flight(),
+                    base.in_flight()
+                ),
+            )
+            .compare(
+                (base_rate, format!("{base_rate:.0} calls/s")),
+                (ideal, format!("{ideal:.0} calls/s")),
+                Goal::Info,
+            ),
+        );
+        if n == 0 {
+            // Same calls, answered at once and so in another order: same files. (Same
+            // output folder too: it is part of the pipeline hash in the manifest.)
+            let first = bench.work.join("out-slow-first");
+            let _ = std::fs::remove_dir_all(&first);
+            std::fs::rename(&out, &first)?;
+            bench.mock.set(Behavior::default());
+            bench.mock.reset();
+            bench.keg.run(&invocation)?;
+            let same = same_files(&first, &out)?;
+            bench.push(
+                Figure::new(
+                    "1e",
+                    "output bytes identical when replies arrive in another order",
+                )
+                .compare(
+                    (
+                        f64::from(u8::from(same)),
+                        if same { "identical" } else { "DIFFERENT" }.to_owned(),
+                    ),
+                    (1.0, "identical".to_owned()),
+                    Goal::Equal,
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether two folders hold files with the same names and bytes.
+fn same_files(a: &std::path::Path, b: &std::path::Path) -> Result<bool> {
+    let list = |dir: &std::path::Path| -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            files.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                std::fs::read(entry.path())?,
+            ));
+        }
+        files.sort();
+        Ok(files)
+    };
+    let (a, b) = (list(a)?, list(b)?);
+    Ok(!a.is_empty() && a == b)
+}
+
+/// What one cache write costs on the cache's filesystem right now, through `keg`'s own
+/// `DiskStore::put`: `keg` makes one per call, on the thread that drives every request, so
+/// this moves figures 1 and 2 (it varies with the disk, and with what was deleted recently).
+fn disk_calibration(bench: &Bench) -> Result<()> {
+    use kegline::cache::{DiskStore, Store};
+    const PUTS: u32 = 2_000;
+    let store = DiskStore::open(&bench.cache_dir("cache-calibration")?)?;
+    let value = vec![b'x'; 1_000];
+    let started = std::time::Instant::now();
+    for i in 0..PUTS {
+        store.put("calls-v1", &blake3::hash(&i.to_le_bytes()), &value)?;
+    }
+    let per_put = started.elapsed().as_secs_f64() / f64::from(PUTS);
+    bench.push(
+        Figure::new(
+            "2",
+            "  one cache write (`DiskStore::put`, 1 KB) on the cache's disk now",
+        )
+        .info(format!("{:.0} µs", per_put * 1e6)),
+    );
+    Ok(())
+}

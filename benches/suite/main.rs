@@ -3,7 +3,7 @@
 //! configurable), on corpora it generates, and prints every figure beside its ideal.
 //!
 //! ```text
-//! cargo bench --bench suite               # full sizes (about 10 minutes)
+//! cargo bench --bench suite               # full sizes (6–8 minutes on 2 cores)
 //! cargo bench --bench suite -- --quick    # small sizes: checks the suite still runs
 //! cargo bench --bench suite -- --help
 //! ```

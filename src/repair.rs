@@ -135,24 +135,44 @@ fn strip_fence(text: &str) -> Option<&str> {
     Some(body[..end].trim())
 }
 
+/// Tracks whether a scan is inside a JSON string, so brackets and commas in strings are
+/// left alone.
+#[derive(Default)]
+struct StringState {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl StringState {
+    /// Feed one character; true when it is structural (outside any string).
+    fn structural(&mut self, c: char) -> bool {
+        if self.in_string {
+            match c {
+                _ if self.escaped => self.escaped = false,
+                '\\' => self.escaped = true,
+                '"' => self.in_string = false,
+                _ => {}
+            }
+            return false;
+        }
+        if c == '"' {
+            self.in_string = true;
+            return false;
+        }
+        true
+    }
+}
+
 /// The first balanced `{…}` or `[…]` in `text`, skipping brackets inside strings.
 fn json_span(text: &str) -> Option<&str> {
     let start = text.find(['{', '['])?;
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
+    let mut state = StringState::default();
     for (i, c) in text[start..].char_indices() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
+        if !state.structural(c) {
             continue;
         }
         match c {
-            '"' => in_string = true,
             '{' | '[' => depth += 1,
             '}' | ']' => {
                 depth = depth.checked_sub(1)?;
@@ -169,24 +189,10 @@ fn json_span(text: &str) -> Option<&str> {
 /// Drop commas that directly precede `}` or `]` (ignoring whitespace), outside strings.
 fn remove_trailing_commas(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
+    let mut state = StringState::default();
     let chars: Vec<char> = text.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-            out.push(c);
-            continue;
-        }
-        if c == '"' {
-            in_string = true;
-        }
-        if c == ',' {
+        if state.structural(c) && c == ',' {
             let next = chars[i + 1..].iter().find(|n| !n.is_whitespace());
             if matches!(next, Some('}' | ']')) {
                 continue;

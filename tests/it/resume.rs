@@ -1,6 +1,6 @@
 //! A run killed with SIGKILL loses no finished call: the next run sends only the rest.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::mock::{Behavior, MockLlm};
@@ -27,14 +27,7 @@ fn sigkill_mid_run_then_rerun_sends_only_unfinished_calls() {
     });
     let mut args = ws.docs_qa_args(&mock, "run");
     args.extend(["--set".to_owned(), "concurrency=2".to_owned()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keg"))
-        .args(&args)
-        .current_dir(ws.dir.path())
-        .env("KEG_CACHE_DIR", ws.path("cache"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ws.spawn_keg(&args);
     let deadline = Instant::now() + Duration::from_secs(30);
     while cached_calls(&ws) < 5 {
         assert!(Instant::now() < deadline, "no progress");
@@ -70,14 +63,7 @@ fn ctrl_c_lets_calls_in_flight_finish_caches_them_and_writes_nothing() {
     });
     let mut args = ws.docs_qa_args(&mock, "run");
     args.extend(["--set".to_owned(), "concurrency=2".to_owned()]);
-    let child = Command::new(env!("CARGO_BIN_EXE_keg"))
-        .args(&args)
-        .current_dir(ws.dir.path())
-        .env("KEG_CACHE_DIR", ws.path("cache"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = ws.spawn_keg(&args);
     let deadline = Instant::now() + Duration::from_secs(30);
     while mock.requests() < 3 {
         assert!(Instant::now() < deadline, "no progress");
@@ -127,14 +113,7 @@ fn two_runs_sharing_one_cache_at_once_do_not_corrupt_it() {
     let spawn = |out: &str| {
         let mut args = ws.docs_qa_args(&mock, "run");
         args.extend(["--set".to_owned(), format!("out={out}")]);
-        Command::new(env!("CARGO_BIN_EXE_keg"))
-            .args(&args)
-            .current_dir(ws.dir.path())
-            .env("KEG_CACHE_DIR", ws.path("cache"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        ws.spawn_keg(&args)
     };
     let (a, b) = (spawn("out-a"), spawn("out-b"));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());

@@ -55,6 +55,20 @@ impl Workspace {
         std::fs::read_to_string(self.path(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
     }
 
+    /// Start keg in the background (stderr piped, for `wait_with_output`).
+    pub fn spawn_keg(&self, args: &[String]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_keg"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("KEG_CACHE_DIR", self.path("cache"))
+            .env("NO_COLOR", "1")
+            .env_remove("OPENAI_API_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start keg")
+    }
+
     pub fn keg(&self, args: &[&str]) -> Output {
         self.keg_with_env(args, &[])
     }

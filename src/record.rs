@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 /// Where a record came from: the document path, then the chunk, item … indices below it.
 /// Lineage orders every output row deterministically.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lineage {
     pub source: Arc<str>,
     pub path: Vec<u32>,

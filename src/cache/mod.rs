@@ -2,6 +2,7 @@
 //! Keys are derived in [`key`] and nowhere else.
 
 pub mod key;
+pub mod memo;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

@@ -35,6 +35,9 @@ pub struct Plan {
     pub providers: IndexMap<String, Arc<Provider>>,
     /// blake3 over every stage's resolved settings and the providers' identities.
     pub hash: String,
+    /// blake3 over every file in the template search path: a template may include or import
+    /// any of them, so results kept per document must change when any of them does.
+    pub templates_digest: String,
 }
 
 impl Plan {
@@ -78,6 +81,7 @@ impl Plan {
         }
 
         let templates = Templates::new(template_dirs(&file, &mut errors));
+        let templates_digest = folders_digest(templates.dirs());
 
         let mut built: Vec<Option<Arc<dyn Stage>>> = Vec::with_capacity(file.stages.len());
         for raw in &file.stages {
@@ -209,6 +213,7 @@ impl Plan {
             stages,
             providers,
             hash,
+            templates_digest,
         })
     }
 
@@ -237,6 +242,26 @@ pub fn provider_identity(p: &Provider) -> Json {
         "top_p": p.config.top_p,
         "seed": p.config.seed,
     })
+}
+
+/// blake3 over the relative paths and bytes of every file under `dirs`, in a fixed order.
+/// An unreadable file counts by its error, so that it still changes the digest when fixed.
+fn folders_digest(dirs: &[PathBuf]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        for entry in walkdir::WalkDir::new(dir)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+        {
+            let relative = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+            let bytes = std::fs::read(entry.path()).unwrap_or_else(|e| e.to_string().into_bytes());
+            hasher.update(format!("{i}\0{}\0{}\0", relative.display(), bytes.len()).as_bytes());
+            hasher.update(&bytes);
+        }
+    }
+    hasher.finalize().to_hex().to_string()
 }
 
 /// The template search path: the folders the file lists (relative to the file), then

@@ -84,7 +84,7 @@ fn stage_line(stage: &StageOutcome, rejects: &[Reject]) -> String {
         // By reason, most frequent first: `3 rejected (2 truncated, 1 schema)`.
         let mut by_code: std::collections::BTreeMap<&str, u64> = Default::default();
         for r in rejects.iter().filter(|r| r.stage == stage.name) {
-            *by_code.entry(r.code).or_default() += 1;
+            *by_code.entry(r.code.as_ref()).or_default() += 1;
         }
         let mut codes: Vec<(&str, u64)> = by_code.into_iter().collect();
         codes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -106,6 +106,16 @@ pub fn summary(plan: &Plan, outcome: &RunOutcome) -> String {
         plan.file.name,
         outcome.elapsed.as_secs_f64()
     );
+    if let Some((skipped, total)) = outcome.documents_skipped
+        && skipped > 0
+    {
+        let _ = writeln!(
+            out,
+            "  {} of {} documents unchanged since an earlier run: skipped",
+            thousands(skipped as u64),
+            thousands(total as u64)
+        );
+    }
     let width = outcome
         .stages
         .iter()
@@ -136,16 +146,22 @@ pub fn summary(plan: &Plan, outcome: &RunOutcome) -> String {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
+            // Files an earlier run wrote from the same inputs are left as they are.
+            let verb = if stage.unchanged {
+                "unchanged"
+            } else {
+                "wrote"
+            };
             if path.extension().is_some_and(|e| e == "jsonl") {
                 let _ = writeln!(
                     out,
-                    "  {:width$}  wrote {} ({} rows)",
+                    "  {:width$}  {verb} {} ({} rows)",
                     "",
                     path.display(),
                     thousands(*rows as u64)
                 );
             } else {
-                let _ = writeln!(out, "  {:width$}  wrote {}", "", path.display());
+                let _ = writeln!(out, "  {:width$}  {verb} {}", "", path.display());
             }
         }
     }

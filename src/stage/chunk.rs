@@ -89,6 +89,10 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
 }
 
 impl Stage for Chunk {
+    fn partition(&self) -> super::Partition {
+        super::Partition::PerDocument
+    }
+
     fn settings(&self) -> Json {
         serde_json::to_value(&self.config).unwrap_or_default()
     }

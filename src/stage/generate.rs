@@ -271,7 +271,7 @@ impl Generate {
                 Ok(None) => return Resolution::Pending,
                 Err(resolution) => return resolution,
             };
-            cx.shared.count_usage(&self.provider.name, &reply);
+            cx.count_usage(&self.provider.name, &reply);
             let problem = match self.interpret(cx, &reply) {
                 Ok(items) => return Resolution::Items(items),
                 Err(problem) => problem,
@@ -420,6 +420,10 @@ impl Generate {
 }
 
 impl Stage for Generate {
+    fn partition(&self) -> super::Partition {
+        super::Partition::PerDocument
+    }
+
     fn settings(&self) -> Json {
         json!({
             "config": self.config,

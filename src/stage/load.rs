@@ -185,6 +185,10 @@ fn read_document(path: &Path, max_bytes: u64) -> Result<(String, String), String
 }
 
 impl Stage for Load {
+    fn partition(&self) -> super::Partition {
+        super::Partition::Source
+    }
+
     fn settings(&self) -> Json {
         serde_json::to_value(&self.config).unwrap_or_default()
     }

@@ -9,6 +9,7 @@ pub mod prompt;
 pub mod split;
 pub mod validate;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use indexmap::IndexMap;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::cache::Store;
@@ -79,6 +80,23 @@ pub trait Stage: Send + Sync {
     fn provider(&self) -> Option<&Arc<Provider>> {
         None
     }
+
+    /// How the stage's output depends on its input; lets the runner skip unchanged documents.
+    fn partition(&self) -> Partition {
+        Partition::Whole
+    }
+}
+
+/// How a stage's output relates to documents, which decides what the runner may skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partition {
+    /// Reads no input; each output record is one document, its lineage source the document.
+    Source,
+    /// The records a document yields depend only on that document's input records (and the
+    /// stage's settings), and come out in input order.
+    PerDocument,
+    /// Needs all of its input at once (dedupe, split, export).
+    Whole,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,12 +234,12 @@ pub enum Mode {
 }
 
 /// A bad record, kept with its reason for `rejects.jsonl`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reject {
     pub stage: String,
     /// A short machine-readable reason: `truncated`, `invalid_json`, `schema`, `refused`,
     /// `call_failed`, `validate`, `empty_field`.
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub source: String,
     pub lineage: String,
     pub reason: String,
@@ -229,6 +247,14 @@ pub struct Reject {
     pub reply: Option<String>,
     #[serde(skip)]
     pub order: Lineage,
+}
+
+impl Reject {
+    /// A reject that another run may not repeat (a call that failed), so results that
+    /// include it are not kept for the next run.
+    pub fn is_transient(&self) -> bool {
+        self.code == "call_failed"
+    }
 }
 
 /// State shared by all stages of one run.
@@ -252,7 +278,7 @@ pub struct RunShared {
 }
 
 /// Token use of the replies behind a dataset.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Usage {
     pub calls: u64,
     pub prompt_tokens: u64,
@@ -265,6 +291,39 @@ pub struct Usage {
     pub cost: Option<f64>,
 }
 
+impl Usage {
+    pub fn add_reply(&mut self, reply: &crate::provider::Reply) {
+        self.calls += 1;
+        self.prompt_tokens += reply.prompt_tokens;
+        self.completion_tokens += reply.completion_tokens;
+        if let Some(cost) = reply.cost {
+            self.add_cost_nanos(cost_nanos(cost));
+        }
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.calls += other.calls;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        if let Some(nanos) = other.cost_nanos {
+            self.add_cost_nanos(nanos);
+        }
+    }
+
+    fn add_cost_nanos(&mut self, nanos: u64) {
+        let total = self.cost_nanos.unwrap_or(0) + nanos;
+        self.cost_nanos = Some(total);
+        self.cost = Some(total as f64 / 1e9);
+    }
+}
+
+/// Usage per provider, summed into `into`.
+pub fn add_usage(into: &mut BTreeMap<String, Usage>, from: &BTreeMap<String, Usage>) {
+    for (provider, usage) in from {
+        into.entry(provider.clone()).or_default().add(usage);
+    }
+}
+
 /// A reported cost in billionths of its unit.
 pub fn cost_nanos(cost: f64) -> u64 {
     (cost.max(0.0) * 1e9).round() as u64
@@ -273,19 +332,6 @@ pub fn cost_nanos(cost: f64) -> u64 {
 impl RunShared {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
-    }
-
-    pub fn count_usage(&self, provider: &str, reply: &crate::provider::Reply) {
-        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = usage.entry(provider.to_owned()).or_default();
-        entry.calls += 1;
-        entry.prompt_tokens += reply.prompt_tokens;
-        entry.completion_tokens += reply.completion_tokens;
-        if let Some(cost) = reply.cost {
-            let nanos = entry.cost_nanos.unwrap_or(0) + cost_nanos(cost);
-            entry.cost_nanos = Some(nanos);
-            entry.cost = Some(nanos as f64 / 1e9);
-        }
     }
 }
 
@@ -332,6 +378,91 @@ impl StageStats {
             .unwrap_or_else(|e| e.into_inner())
             .push(note);
     }
+
+    /// The counters as plain numbers, to be kept with a skipped document's results.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            items: get(&self.items),
+            cached: get(&self.cached),
+            to_run: get(&self.to_run),
+            retries: get(&self.retries),
+            repairs: get(&self.repairs),
+            reasks: get(&self.reasks),
+            grown: get(&self.grown),
+            tokens_in: get(&self.tokens_in),
+            tokens_out: get(&self.tokens_out),
+            cost_nanos: get(&self.cost_nanos),
+            rejected: get(&self.rejected),
+            skipped: get(&self.skipped),
+            notes: self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            files: self.files.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    /// Add a snapshot's counters to these.
+    pub fn absorb(&self, s: &StatsSnapshot) {
+        for (counter, n) in [
+            (&self.items, s.items),
+            (&self.cached, s.cached),
+            (&self.to_run, s.to_run),
+            (&self.retries, s.retries),
+            (&self.repairs, s.repairs),
+            (&self.reasks, s.reasks),
+            (&self.grown, s.grown),
+            (&self.tokens_in, s.tokens_in),
+            (&self.tokens_out, s.tokens_out),
+            (&self.cost_nanos, s.cost_nanos),
+            (&self.rejected, s.rejected),
+            (&self.skipped, s.skipped),
+        ] {
+            Self::add(counter, n);
+        }
+        if !s.notes.is_empty() {
+            let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+            notes.extend(s.notes.iter().cloned());
+        }
+        if !s.files.is_empty() {
+            let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            files.extend(s.files.iter().cloned());
+        }
+    }
+}
+
+/// [`StageStats`] as plain numbers: what a stage did for one document (or for the whole
+/// output), kept so that a run that skips it reports the same counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub items: u64,
+    pub cached: u64,
+    pub to_run: u64,
+    pub retries: u64,
+    pub repairs: u64,
+    pub reasks: u64,
+    pub grown: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub cost_nanos: u64,
+    pub rejected: u64,
+    pub skipped: u64,
+    pub notes: Vec<String>,
+    pub files: Vec<(PathBuf, usize)>,
+}
+
+impl StatsSnapshot {
+    /// The same work seen from a later run: every call it sent is cached now, and nothing
+    /// is spent again.
+    pub fn replayed(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            cached: self.cached + self.to_run,
+            to_run: 0,
+            retries: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+            cost_nanos: 0,
+            ..self.clone()
+        }
+    }
 }
 
 /// What a stage sees while it runs.
@@ -344,6 +475,11 @@ pub struct StageContext<'a> {
     pub splits: Option<&'a [String]>,
     /// The names of this stage's ancestors, whose rejects belong to its outputs.
     pub ancestors: &'a [String],
+    /// Where this stage's rejects go: the run's list, or one document's while the runner
+    /// keeps documents apart.
+    pub rejects: &'a Mutex<Vec<Reject>>,
+    /// Where the usage of the replies read goes, like `rejects`.
+    pub usage: &'a Mutex<BTreeMap<String, Usage>>,
 }
 
 impl StageContext<'_> {
@@ -362,19 +498,27 @@ impl StageContext<'_> {
             }
             r
         });
-        self.shared
-            .rejects
+        self.rejects
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Reject {
                 stage: self.name.to_owned(),
-                code,
+                code: Cow::Borrowed(code),
                 source: lineage.source.to_string(),
                 lineage: lineage.display(),
                 reason,
                 reply,
                 order: lineage.clone(),
             });
+    }
+
+    /// Count a reply read (sent now or cached) towards the usage behind the outputs.
+    pub fn count_usage(&self, provider: &str, reply: &crate::provider::Reply) {
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        usage
+            .entry(provider.to_owned())
+            .or_default()
+            .add_reply(reply);
     }
 }
 

@@ -181,6 +181,10 @@ impl Prompt {
 }
 
 impl Stage for Prompt {
+    fn partition(&self) -> super::Partition {
+        super::Partition::PerDocument
+    }
+
     fn settings(&self) -> Json {
         let digest = |m: &Option<&Message>| match m {
             Some(Message::File { name, digest }) => json!({ "template": name, "digest": digest }),

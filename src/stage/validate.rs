@@ -43,6 +43,10 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
 }
 
 impl Stage for Validate {
+    fn partition(&self) -> super::Partition {
+        super::Partition::PerDocument
+    }
+
     fn settings(&self) -> Json {
         json!({ "schema": self.config.schema, "digest": self.schema.digest })
     }

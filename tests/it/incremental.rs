@@ -178,3 +178,155 @@ fn no_cache_resends_and_refreshes() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(mock.requests(), 12);
 }
+
+/// The shipped pipeline with its templates and schemas copied into the workspace, so a test
+/// can edit them.
+fn copy_shipped_pipeline(ws: &Workspace) {
+    for file in [
+        "pipelines/docs-qa.yaml",
+        "templates/qa/system.j2",
+        "templates/qa/user.j2",
+        "templates/qa/macros.j2",
+        "schemas/qa-pairs.schema.json",
+        "schemas/qa-pair.schema.json",
+        "schemas/pipeline.schema.json",
+    ] {
+        ws.write(file, std::fs::read(crate::support::repo(file)).unwrap());
+    }
+}
+
+fn run_copied(ws: &Workspace, mock: &MockLlm) -> std::process::Output {
+    let mut args = ws.docs_qa_args(mock, "run");
+    args[1] = ws.path("pipelines/docs-qa.yaml").display().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = ws.keg(&args);
+    crate::support::assert_success(&output);
+    output
+}
+
+#[test]
+fn unchanged_documents_are_skipped_and_unchanged_outputs_left_alone() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let first = ws.outputs();
+    let modified = |name: &str| {
+        std::fs::metadata(ws.path(&format!("out/{name}")))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let written = modified("train.jsonl");
+    std::thread::sleep(Duration::from_millis(20));
+    mock.reset();
+    let output = ws.run_docs_qa(&mock);
+    let summary = stderr(&output);
+    assert_eq!(mock.requests(), 0);
+    assert!(
+        summary.contains("4 of 4 documents unchanged since an earlier run: skipped"),
+        "{summary}"
+    );
+    assert!(summary.contains("12 calls: 0 sent, 12 cached"), "{summary}");
+    assert!(summary.contains("unchanged out/train.jsonl ("), "{summary}");
+    assert_eq!(
+        modified("train.jsonl"),
+        written,
+        "left alone, not rewritten"
+    );
+    assert_eq!(ws.outputs(), first);
+
+    // An output deleted or damaged by hand is written again, from the cache.
+    std::fs::remove_file(ws.path("out/valid.jsonl")).unwrap();
+    ws.write("out/train.jsonl", "damaged\n");
+    let output = ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0);
+    assert!(
+        stderr(&output).contains("wrote out/train.jsonl ("),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(ws.outputs(), first);
+}
+
+#[test]
+fn one_edited_document_runs_alone_and_the_others_are_skipped() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    ws.write(
+        "docs/ledger.md",
+        format!(
+            "{}\nOne more line at the end of the ledger.\n",
+            sample_doc("ledger")
+        ),
+    );
+    mock.reset();
+    let output = ws.run_docs_qa(&mock);
+    let summary = stderr(&output);
+    assert_eq!(mock.requests(), 1, "{summary}");
+    assert!(
+        summary.contains("3 of 4 documents unchanged since an earlier run: skipped"),
+        "{summary}"
+    );
+    assert!(summary.contains("12 calls: 1 sent, 11 cached"), "{summary}");
+    // The same files as a run from scratch with the same replies.
+    let fresh = workspace_with_docs();
+    fresh.write(
+        "docs/ledger.md",
+        format!(
+            "{}\nOne more line at the end of the ledger.\n",
+            sample_doc("ledger")
+        ),
+    );
+    fresh.run_docs_qa(&mock);
+    assert_eq!(ws.outputs(), fresh.outputs());
+}
+
+#[test]
+fn an_edited_included_template_changes_the_calls() {
+    // `user.j2` imports `macros.j2`: an edit there changes every prompt, although no file a
+    // stage names changed.
+    let ws = workspace_with_docs();
+    copy_shipped_pipeline(&ws);
+    let mock = MockLlm::start(Behavior::default());
+    run_copied(&ws, &mock);
+    assert_eq!(mock.requests(), 12);
+    let macros = ws.read("templates/qa/macros.j2");
+    ws.write("templates/qa/macros.j2", macros.replace(" — ", " / "));
+    mock.reset();
+    run_copied(&ws, &mock);
+    assert_eq!(mock.requests(), 12, "every prompt shows the heading trail");
+    assert!(user_message(&mock.bodies()[0]).contains(" / "));
+    mock.reset();
+    run_copied(&ws, &mock);
+    assert_eq!(mock.requests(), 0);
+}
+
+#[test]
+fn a_changed_validation_schema_applies_without_calls() {
+    let ws = workspace_with_docs();
+    copy_shipped_pipeline(&ws);
+    let mock = MockLlm::start(Behavior::default());
+    run_copied(&ws, &mock);
+    assert!(ws.read("out/rejects.jsonl").is_empty());
+    // Answers must now be at most 5 characters long: every row is rejected by `validate`.
+    let schema = ws.read("schemas/qa-pair.schema.json").replacen(
+        "\"answer\": {",
+        "\"answer\": {\"maxLength\": 5, ",
+        1,
+    );
+    assert!(schema.contains("maxLength"), "{schema}");
+    ws.write("schemas/qa-pair.schema.json", schema);
+    mock.reset();
+    let output = run_copied(&ws, &mock);
+    assert_eq!(mock.requests(), 0);
+    let rows: usize = ["train", "valid", "test"]
+        .iter()
+        .map(|s| ws.rows(s).len())
+        .sum();
+    assert_eq!(rows, 0, "{}", stderr(&output));
+    assert!(
+        ws.read("out/rejects.jsonl")
+            .contains("\"code\":\"validate\"")
+    );
+}

@@ -1,0 +1,277 @@
+//! What a run keeps besides LLM calls, so that the next run can skip work whose inputs did
+//! not change: per document, what the per-document stages made of it; per run, which output
+//! files the later stages wrote from those results. Keys are derived here, next to the call
+//! key, and pinned by golden tests.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use crate::record::{Lineage, Record, canonical_hash};
+use crate::stage::{Reject, StatsSnapshot, Usage};
+
+/// Per document: [`DocumentEntry`] under a [`DocumentKey`].
+pub const DOCUMENTS_BUCKET: &str = "documents-v1";
+/// Per document: [`DocumentRecords`] under [`DocumentEntry::digest`].
+pub const DOCUMENT_RECORDS_BUCKET: &str = "document-records-v1";
+/// Per run: [`OutputsEntry`] under an [`OutputsKey`].
+pub const OUTPUTS_BUCKET: &str = "outputs-v1";
+pub const MEMO_KEY_VERSION: u32 = 1;
+
+/// Everything that decides what the per-document stages make of one document.
+#[derive(Serialize)]
+pub struct DocumentKey<'a> {
+    pub key_version: u32,
+    /// keg's own version: another version may chunk, render or parse differently.
+    pub keg: &'a str,
+    /// blake3 over the settings of the `load` stage and of every per-document stage, the
+    /// providers' identities and every template file (see `runner::documents::Layout`).
+    pub stages: &'a str,
+    /// The document's path, as its records' lineage shows it.
+    pub source: &'a str,
+    /// blake3 of the document's bytes.
+    pub document: &'a str,
+}
+
+impl DocumentKey<'_> {
+    pub fn digest(&self) -> blake3::Hash {
+        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
+    }
+}
+
+/// Everything that decides the files the stages after the per-document ones write.
+#[derive(Serialize)]
+pub struct OutputsKey<'a> {
+    pub key_version: u32,
+    pub keg: &'a str,
+    /// The pipeline hash: every stage's settings and the providers' identities.
+    pub pipeline: &'a str,
+    /// blake3 over every template file.
+    pub templates: &'a str,
+    /// Each document's path and [`DocumentEntry::digest`], in the order they were loaded.
+    pub documents: &'a [(String, String)],
+}
+
+impl OutputsKey<'_> {
+    pub fn digest(&self) -> blake3::Hash {
+        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
+    }
+}
+
+/// What one stage did, for one document or for the whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageMemo {
+    pub name: String,
+    pub records_in: usize,
+    pub records_out: usize,
+    pub stats: StatsSnapshot,
+}
+
+/// A reject, with the lineage that orders it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RejectMemo {
+    pub reject: Reject,
+    pub path: Vec<u32>,
+}
+
+impl RejectMemo {
+    pub fn of(reject: &Reject) -> RejectMemo {
+        RejectMemo {
+            reject: reject.clone(),
+            path: reject.order.path.clone(),
+        }
+    }
+
+    pub fn restore(&self) -> Reject {
+        let mut reject = self.reject.clone();
+        reject.order = Lineage {
+            source: reject.source.as_str().into(),
+            path: self.path.clone(),
+        };
+        reject
+    }
+}
+
+/// [`Usage`] with its cost kept exact.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageMemo {
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nanos: Option<u64>,
+}
+
+pub fn usage_memo(usage: &BTreeMap<String, Usage>) -> BTreeMap<String, UsageMemo> {
+    usage
+        .iter()
+        .map(|(name, u)| {
+            let memo = UsageMemo {
+                calls: u.calls,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                cost_nanos: u.cost_nanos,
+            };
+            (name.clone(), memo)
+        })
+        .collect()
+}
+
+pub fn usage_restore(memo: &BTreeMap<String, UsageMemo>) -> BTreeMap<String, Usage> {
+    memo.iter()
+        .map(|(name, u)| {
+            let usage = Usage {
+                calls: u.calls,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                cost_nanos: u.cost_nanos,
+                cost: u.cost_nanos.map(|n| n as f64 / 1e9),
+            };
+            (name.clone(), usage)
+        })
+        .collect()
+}
+
+/// What the per-document stages made of one document, apart from the records themselves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DocumentEntry {
+    /// blake3 of the records, rejects and usage: everything later stages see of the document.
+    /// The records are stored under it.
+    pub digest: String,
+    /// The per-document stages, in run order.
+    pub stages: Vec<StageMemo>,
+    pub rejects: Vec<RejectMemo>,
+    pub usage: BTreeMap<String, UsageMemo>,
+}
+
+/// The records of one document that later stages read: per stage, each record's lineage
+/// below the document and its fields.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DocumentRecords {
+    pub stages: Vec<(String, Vec<(Vec<u32>, Map<String, Json>)>)>,
+}
+
+impl DocumentRecords {
+    pub fn of(stages: &[(String, Vec<Record>)]) -> DocumentRecords {
+        DocumentRecords {
+            stages: stages
+                .iter()
+                .map(|(name, records)| {
+                    let records = records
+                        .iter()
+                        .map(|r| (r.lineage.path.clone(), r.data.clone()))
+                        .collect();
+                    (name.clone(), records)
+                })
+                .collect(),
+        }
+    }
+
+    /// The records of stage `name`, with `source` as their document.
+    pub fn take(&mut self, name: &str, source: &std::sync::Arc<str>) -> Vec<Record> {
+        let Some((_, records)) = self.stages.iter_mut().find(|(n, _)| n == name) else {
+            return Vec::new();
+        };
+        std::mem::take(records)
+            .into_iter()
+            .map(|(path, data)| {
+                Record::new(
+                    data,
+                    Lineage {
+                        source: source.clone(),
+                        path,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// A file a run wrote, to tell whether it is still there as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileMemo {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+impl FileMemo {
+    pub fn of(path: &Path) -> io::Result<FileMemo> {
+        let bytes = std::fs::read(path)?;
+        Ok(FileMemo {
+            path: path.to_path_buf(),
+            bytes: bytes.len() as u64,
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+        })
+    }
+
+    /// The file exists with the bytes it was written with.
+    pub fn intact(&self) -> bool {
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if meta.len() == self.bytes => {}
+            _ => return false,
+        }
+        std::fs::read(&self.path)
+            .is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == self.blake3)
+    }
+}
+
+/// What the stages after the per-document ones did, and the files they wrote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutputsEntry {
+    pub stages: Vec<StageMemo>,
+    pub rejects: Vec<RejectMemo>,
+    pub files: Vec<FileMemo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_key_is_pinned() {
+        let key = DocumentKey {
+            key_version: MEMO_KEY_VERSION,
+            keg: "0.1.0",
+            stages: "s",
+            source: "docs/a.md",
+            document: "d",
+        };
+        // If this changes, every user's skipped documents run again: bump MEMO_KEY_VERSION
+        // and the buckets deliberately, then update the digest.
+        assert_eq!(
+            key.digest().to_hex().as_str(),
+            canonical_hash(&serde_json::json!({
+                "key_version": 1, "keg": "0.1.0", "stages": "s",
+                "source": "docs/a.md", "document": "d",
+            }))
+            .to_hex()
+            .as_str()
+        );
+        assert_eq!(
+            key.digest().to_hex().as_str(),
+            "6c4cc66e58850289a2b7dadf5a24bf28a7a1ddd758b8796e0514e4196829979e"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_with_their_lineage() {
+        let source: std::sync::Arc<str> = "docs/a.md".into();
+        let mut data = Map::new();
+        data.insert("q".into(), Json::from("why?"));
+        let record = Record::new(
+            data,
+            Lineage {
+                source: source.clone(),
+                path: vec![2, 0],
+            },
+        );
+        let stored = DocumentRecords::of(&[("checked".to_owned(), vec![record.clone()])]);
+        let bytes = serde_json::to_vec(&stored).unwrap();
+        let mut back: DocumentRecords = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back.take("checked", &source), vec![record]);
+        assert_eq!(back.take("other", &source), Vec::new());
+    }
+}

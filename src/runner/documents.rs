@@ -1,0 +1,594 @@
+//! Running the per-document stages document by document, and skipping what did not change.
+//!
+//! A document's results (the records later stages read, its rejects, the usage of the
+//! replies behind them, and each stage's counts) are kept under a key of the document's path
+//! and bytes, the settings of `load` and of every per-document stage, the providers'
+//! identities, every template file and keg's version. A re-run reads one entry per unchanged
+//! document instead of chunking, rendering, hashing and reading every call again. The stages
+//! after them (dedupe, split, export …) need all records at once; their files are kept under
+//! a key of the pipeline hash and every document's results, and left alone when that key
+//! matches and the files are still as written.
+//!
+//! Documents run concurrently, each through all its stages, so a slow call holds back only
+//! its own document; the providers' limits bound what is in flight. Results go back in
+//! document order, so outputs do not depend on the order calls finish in.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use indexmap::IndexMap;
+use serde_json::json;
+
+use super::{Run, RunError, StageOutcome};
+use crate::cache::memo::{
+    DOCUMENT_RECORDS_BUCKET, DOCUMENTS_BUCKET, DocumentEntry, DocumentKey, DocumentRecords,
+    FileMemo, MEMO_KEY_VERSION, OUTPUTS_BUCKET, OutputsEntry, OutputsKey, RejectMemo, StageMemo,
+    usage_memo, usage_restore,
+};
+use crate::config::Plan;
+use crate::config::plan::provider_identity;
+use crate::record::{Record, canonical_hash};
+use crate::stage::{
+    Mode, Partition, Reject, RunShared, StageContext, StageError, StageStats, Usage, add_usage,
+};
+
+const KEG_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Which stages run document by document.
+pub struct Layout {
+    /// The `load` stage.
+    source: usize,
+    /// The per-document stages, in run order: each reads the source or another of them.
+    region: Vec<usize>,
+    /// The per-document stages whose records later stages read.
+    boundary: Vec<usize>,
+    /// The later stages, in run order.
+    rest: Vec<usize>,
+    /// blake3 over the settings of the source and the per-document stages, the providers'
+    /// identities and the template files.
+    digest: String,
+}
+
+impl Layout {
+    /// `None` when the pipeline does not have the shape this needs: exactly one source stage
+    /// and at least one per-document stage reading it.
+    pub fn of(plan: &Plan) -> Option<Layout> {
+        let stages = &plan.stages;
+        let mut sources = stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.inputs.is_empty());
+        let (source, first) = sources.next()?;
+        if sources.next().is_some() || first.stage.partition() != Partition::Source {
+            return None;
+        }
+        let mut region: Vec<usize> = Vec::new();
+        for (pos, s) in stages.iter().enumerate() {
+            if s.stage.partition() == Partition::PerDocument
+                && let [input] = s.inputs[..]
+                && (input == source || region.contains(&input))
+            {
+                region.push(pos);
+            }
+        }
+        if region.is_empty() {
+            return None;
+        }
+        let rest: Vec<usize> = (0..stages.len())
+            .filter(|p| *p != source && !region.contains(p))
+            .collect();
+        if rest.iter().any(|&p| stages[p].inputs.contains(&source)) {
+            // A later stage reads the documents themselves; run everything whole.
+            return None;
+        }
+        let boundary = region
+            .iter()
+            .copied()
+            .filter(|r| rest.iter().any(|&p| stages[p].inputs.contains(r)))
+            .collect();
+        let describe = |pos: usize| {
+            let s = &stages[pos];
+            json!({
+                "name": s.name,
+                "kind": s.kind,
+                "inputs": s.inputs.iter().map(|&j| &stages[j].name).collect::<Vec<_>>(),
+                "settings": s.stage.settings(),
+            })
+        };
+        let digest = canonical_hash(&json!({
+            "source": describe(source),
+            "stages": region.iter().map(|&p| describe(p)).collect::<Vec<_>>(),
+            "providers": plan.providers.iter()
+                .map(|(name, p)| (name.clone(), provider_identity(p)))
+                .collect::<serde_json::Map<_, _>>(),
+            "templates": plan.templates_digest,
+        }))
+        .to_hex()
+        .to_string();
+        Some(Layout {
+            source,
+            region,
+            boundary,
+            rest,
+            digest,
+        })
+    }
+}
+
+/// One document's results: kept from an earlier run, or made now.
+enum Document {
+    Kept(DocumentEntry),
+    Made(Made),
+}
+
+/// What running the per-document stages over one document gave.
+struct Made {
+    /// The records of each boundary stage, by stage name.
+    records: Vec<(String, Vec<Record>)>,
+    stages: Vec<StageMemo>,
+    rejects: Vec<Reject>,
+    usage: BTreeMap<String, Usage>,
+    /// See [`DocumentEntry::digest`].
+    digest: String,
+}
+
+impl Document {
+    fn digest(&self) -> &str {
+        match self {
+            Document::Kept(entry) => &entry.digest,
+            Document::Made(made) => &made.digest,
+        }
+    }
+}
+
+impl Run<'_> {
+    pub(super) async fn by_document(&mut self, layout: &Layout) -> Result<(), RunError> {
+        let (plan, shared) = (self.plan, self.shared);
+        self.stage(layout.source).await?;
+        let loaded = self.outputs[layout.source].take().unwrap_or_default();
+        let mut by_source: IndexMap<Arc<str>, Vec<Record>> = IndexMap::new();
+        for record in Arc::unwrap_or_clone(loaded) {
+            by_source
+                .entry(record.lineage.source.clone())
+                .or_default()
+                .push(record);
+        }
+        let sources: Vec<Arc<str>> = by_source.keys().cloned().collect();
+        let hashes = shared
+            .documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+
+        // What is kept from earlier runs.
+        let keys: Vec<blake3::Hash> = sources
+            .iter()
+            .map(|source| {
+                DocumentKey {
+                    key_version: MEMO_KEY_VERSION,
+                    keg: KEG_VERSION,
+                    stages: &layout.digest,
+                    source,
+                    document: hashes.get(&**source).map_or("", String::as_str),
+                }
+                .digest()
+            })
+            .collect();
+        let mut documents: Vec<Option<Document>> = keys
+            .iter()
+            .map(|key| {
+                if !shared.read_cache {
+                    return None;
+                }
+                let bytes = shared.store.get(DOCUMENTS_BUCKET, key).ok()??;
+                serde_json::from_slice(&bytes).ok().map(Document::Kept)
+            })
+            .collect();
+        let kept = documents.iter().filter(|d| d.is_some()).count();
+        self.documents_skipped = Some((kept, documents.len()));
+
+        // The rest run now, concurrently; enough documents are in flight to keep every
+        // provider's limit busy.
+        let room = layout
+            .region
+            .iter()
+            .filter_map(|&p| plan.stages[p].stage.provider())
+            .map(|p| p.config.concurrency.max(1))
+            .max()
+            .unwrap_or(1)
+            * 2
+            + 64;
+        let bar = shared.progress.add(
+            indicatif::ProgressBar::new((documents.len() - kept) as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "documents [{bar:30}] {pos}/{len} · {per_sec} · eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            ),
+        );
+        let pending: Vec<(usize, Vec<Record>)> = by_source
+            .into_values()
+            .enumerate()
+            .filter(|(i, _)| documents[*i].is_none())
+            .collect();
+        let mut stream =
+            futures::stream::iter(pending)
+                .map(|(i, records)| async move {
+                    (i, run_document(plan, layout, shared, records).await)
+                })
+                .buffer_unordered(room);
+        let mut failure = None;
+        // On a failure, the documents in flight still finish (their calls are cached); the
+        // providers start no new call once the run is stopping.
+        while let Some((i, result)) = stream.next().await {
+            bar.inc(1);
+            match result {
+                Ok(made) => {
+                    keep(shared, &keys[i], &made);
+                    documents[i] = Some(Document::Made(made));
+                }
+                // A fatal error stops the other documents, which then end as interrupted:
+                // report the cause.
+                Err(err) => match &failure {
+                    Some((_, StageError::Interrupted)) | None => failure = Some(err),
+                    Some(_) => {}
+                },
+            }
+        }
+        drop(stream);
+        bar.finish_and_clear();
+        if let Some((stage, err)) = failure {
+            return Err(RunError::of_stage(&stage, err));
+        }
+        let documents: Vec<Document> = documents.into_iter().flatten().collect();
+        self.report_documents(layout, &documents);
+
+        // The later stages: leave their files alone when nothing they read changed.
+        let digests: Vec<(String, String)> = sources
+            .iter()
+            .zip(&documents)
+            .map(|(source, doc)| (source.to_string(), doc.digest().to_owned()))
+            .collect();
+        let outputs_key = OutputsKey {
+            key_version: MEMO_KEY_VERSION,
+            keg: KEG_VERSION,
+            pipeline: &plan.hash,
+            templates: &plan.templates_digest,
+            documents: &digests,
+        }
+        .digest();
+        if shared.read_cache && self.outputs_unchanged(layout, &outputs_key) {
+            return Ok(());
+        }
+
+        // Something changed: the later stages read every document's records.
+        let mut boundary: Vec<Vec<Record>> = layout.boundary.iter().map(|_| Vec::new()).collect();
+        for (doc, source) in documents.into_iter().zip(&sources) {
+            match doc {
+                Document::Kept(entry) => {
+                    let mut stored = read_records(shared, &entry)?;
+                    for (b, &pos) in layout.boundary.iter().enumerate() {
+                        boundary[b].extend(stored.take(&plan.stages[pos].name, source));
+                    }
+                }
+                Document::Made(made) => {
+                    for (b, (_, records)) in made.records.into_iter().enumerate() {
+                        boundary[b].extend(records);
+                    }
+                }
+            }
+        }
+        for (&pos, records) in layout.boundary.iter().zip(boundary) {
+            self.outputs[pos] = Some(Arc::new(records));
+        }
+        self.stages(layout.rest.iter().copied()).await?;
+        if shared.mode == Mode::Run {
+            self.keep_outputs(layout, &outputs_key);
+        }
+        Ok(())
+    }
+
+    /// The per-document stages' outcomes are the sums over documents, kept ones counted as a
+    /// re-run sees them; their rejects and usage join the run's.
+    fn report_documents(&mut self, layout: &Layout, documents: &[Document]) {
+        let (plan, shared) = (self.plan, self.shared);
+        for (k, &pos) in layout.region.iter().enumerate() {
+            let planned = &plan.stages[pos];
+            let stats = StageStats::default();
+            let (mut records_in, mut records_out) = (0, 0);
+            for doc in documents {
+                let memo = match doc {
+                    Document::Kept(entry) => &entry.stages[k],
+                    Document::Made(made) => &made.stages[k],
+                };
+                records_in += memo.records_in;
+                records_out += memo.records_out;
+                match doc {
+                    Document::Kept(_) => stats.absorb(&memo.stats.replayed()),
+                    Document::Made(_) => stats.absorb(&memo.stats),
+                }
+            }
+            self.outcomes[pos] = Some(StageOutcome {
+                name: planned.name.clone(),
+                kind: planned.kind,
+                records_in,
+                records_out,
+                stats,
+                unchanged: false,
+            });
+        }
+        let mut rejects = shared.rejects.lock().unwrap_or_else(|e| e.into_inner());
+        let mut usage = shared.usage.lock().unwrap_or_else(|e| e.into_inner());
+        for doc in documents {
+            match doc {
+                Document::Kept(entry) => {
+                    rejects.extend(entry.rejects.iter().map(RejectMemo::restore));
+                    add_usage(&mut usage, &usage_restore(&entry.usage));
+                }
+                Document::Made(made) => {
+                    rejects.extend(made.rejects.iter().cloned());
+                    add_usage(&mut usage, &made.usage);
+                }
+            }
+        }
+        for j in std::iter::once(layout.source).chain(layout.region.iter().copied()) {
+            let readers = layout
+                .region
+                .iter()
+                .filter(|&&p| plan.stages[p].inputs.contains(&j))
+                .count();
+            self.consumers[j] -= readers;
+        }
+    }
+
+    /// When an earlier run wrote the later stages' files from the same inputs and they are
+    /// intact, report those stages from it and leave the files alone.
+    fn outputs_unchanged(&mut self, layout: &Layout, key: &blake3::Hash) -> bool {
+        let (plan, shared) = (self.plan, self.shared);
+        let Some(entry) = shared
+            .store
+            .get(OUTPUTS_BUCKET, key)
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice::<OutputsEntry>(&bytes).ok())
+        else {
+            return false;
+        };
+        let names_match = entry
+            .stages
+            .iter()
+            .map(|m| m.name.as_str())
+            .eq(layout.rest.iter().map(|&p| plan.stages[p].name.as_str()));
+        if !names_match || !entry.files.iter().all(FileMemo::intact) {
+            return false;
+        }
+        for (memo, &pos) in entry.stages.iter().zip(&layout.rest) {
+            let planned = &plan.stages[pos];
+            let stats = StageStats::default();
+            stats.absorb(&memo.stats.replayed());
+            self.outcomes[pos] = Some(StageOutcome {
+                name: planned.name.clone(),
+                kind: planned.kind,
+                records_in: memo.records_in,
+                records_out: memo.records_out,
+                stats,
+                unchanged: true,
+            });
+        }
+        let mut rejects = shared.rejects.lock().unwrap_or_else(|e| e.into_inner());
+        rejects.extend(entry.rejects.iter().map(RejectMemo::restore));
+        true
+    }
+
+    /// Remember what the later stages did and the files they wrote. Best effort: a run that
+    /// cannot keep it only makes the next run do the work again.
+    fn keep_outputs(&self, layout: &Layout, key: &blake3::Hash) {
+        let (plan, shared) = (self.plan, self.shared);
+        let mut stages = Vec::new();
+        let mut files = Vec::new();
+        for &pos in &layout.rest {
+            let Some(outcome) = &self.outcomes[pos] else {
+                return;
+            };
+            let stats = outcome.stats.snapshot();
+            for (path, _) in &stats.files {
+                match FileMemo::of(path) {
+                    Ok(file) => files.push(file),
+                    Err(_) => return,
+                }
+            }
+            stages.push(StageMemo {
+                name: outcome.name.clone(),
+                records_in: outcome.records_in,
+                records_out: outcome.records_out,
+                stats,
+            });
+        }
+        let rest_names: Vec<&str> = layout
+            .rest
+            .iter()
+            .map(|&p| plan.stages[p].name.as_str())
+            .collect();
+        let rejects = shared
+            .rejects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| rest_names.contains(&r.stage.as_str()))
+            .map(RejectMemo::of)
+            .collect();
+        let entry = OutputsEntry {
+            stages,
+            rejects,
+            files,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&entry) {
+            let _ = shared.store.put(OUTPUTS_BUCKET, key, &bytes);
+        }
+    }
+}
+
+/// Run the per-document stages over one document's records.
+async fn run_document(
+    plan: &Plan,
+    layout: &Layout,
+    shared: &RunShared,
+    document: Vec<Record>,
+) -> Result<Made, (String, StageError)> {
+    let rejects = Mutex::new(Vec::new());
+    let usage = Mutex::new(BTreeMap::new());
+    // Each output is read by the stages after it and, for a boundary stage, kept.
+    let mut readers: BTreeMap<usize, usize> = BTreeMap::new();
+    for &pos in &layout.region {
+        *readers.entry(plan.stages[pos].inputs[0]).or_default() += 1;
+    }
+    for &pos in &layout.boundary {
+        *readers.entry(pos).or_default() += 1;
+    }
+    let mut outputs: BTreeMap<usize, Vec<Record>> = BTreeMap::new();
+    outputs.insert(layout.source, document);
+    let mut stages = Vec::with_capacity(layout.region.len());
+    for &pos in &layout.region {
+        let planned = &plan.stages[pos];
+        let input = take(&mut outputs, &mut readers, planned.inputs[0]);
+        let records_in = input.len();
+        let stats = StageStats::default();
+        let cx = StageContext {
+            name: &planned.name,
+            shared,
+            stats: &stats,
+            splits: planned.splits.as_deref(),
+            ancestors: &planned.ancestors,
+            rejects: &rejects,
+            usage: &usage,
+        };
+        let output = planned
+            .stage
+            .run(cx, input)
+            .await
+            .map_err(|e| (planned.name.clone(), e))?;
+        stages.push(StageMemo {
+            name: planned.name.clone(),
+            records_in,
+            records_out: output.len(),
+            stats: stats.snapshot(),
+        });
+        if readers.get(&pos).copied().unwrap_or(0) > 0 {
+            outputs.insert(pos, output);
+        }
+    }
+    let records: Vec<(String, Vec<Record>)> = layout
+        .boundary
+        .iter()
+        .map(|&pos| {
+            let records = outputs.remove(&pos).unwrap_or_default();
+            (plan.stages[pos].name.clone(), records)
+        })
+        .collect();
+    let rejects = rejects.into_inner().unwrap_or_else(|e| e.into_inner());
+    let usage = usage.into_inner().unwrap_or_else(|e| e.into_inner());
+    let digest = document_digest(&records, &rejects, &usage);
+    Ok(Made {
+        records,
+        stages,
+        rejects,
+        usage,
+        digest,
+    })
+}
+
+/// An output for one more reader: moved to the last, copied for the others.
+fn take(
+    outputs: &mut BTreeMap<usize, Vec<Record>>,
+    readers: &mut BTreeMap<usize, usize>,
+    pos: usize,
+) -> Vec<Record> {
+    let left = readers.entry(pos).or_default();
+    *left = left.saturating_sub(1);
+    if *left == 0 {
+        outputs.remove(&pos).unwrap_or_default()
+    } else {
+        outputs.get(&pos).cloned().unwrap_or_default()
+    }
+}
+
+/// blake3 over what later stages see of a document: its records, rejects and usage.
+fn document_digest(
+    records: &[(String, Vec<Record>)],
+    rejects: &[Reject],
+    usage: &BTreeMap<String, Usage>,
+) -> String {
+    let mut hasher = blake3::Hasher::new();
+    let stored = DocumentRecords::of(records);
+    let _ = serde_json::to_writer(HashWriter(&mut hasher), &stored);
+    let mut rejects: Vec<RejectMemo> = rejects.iter().map(RejectMemo::of).collect();
+    rejects.sort_by(|a, b| (&a.path, &a.reject.stage).cmp(&(&b.path, &b.reject.stage)));
+    let _ = serde_json::to_writer(HashWriter(&mut hasher), &rejects);
+    let _ = serde_json::to_writer(HashWriter(&mut hasher), &usage_memo(usage));
+    hasher.finalize().to_hex().to_string()
+}
+
+struct HashWriter<'a>(&'a mut blake3::Hasher);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keep a document's results for the next run: its records first, then the entry that
+/// points at them, so an entry is never found without its records. Not kept: plans, and
+/// documents with a call that failed (the next run tries it again). Best effort: what
+/// cannot be kept is made again next time.
+fn keep(shared: &RunShared, key: &blake3::Hash, made: &Made) {
+    if shared.mode != Mode::Run || made.rejects.iter().any(Reject::is_transient) {
+        return;
+    }
+    let Ok(digest) = blake3::Hash::from_hex(&made.digest) else {
+        return;
+    };
+    let stored = DocumentRecords::of(&made.records);
+    let Ok(records) = serde_json::to_vec(&stored) else {
+        return;
+    };
+    if shared
+        .store
+        .put(DOCUMENT_RECORDS_BUCKET, &digest, &records)
+        .is_err()
+    {
+        return;
+    }
+    let entry = DocumentEntry {
+        digest: made.digest.clone(),
+        stages: made.stages.clone(),
+        rejects: made.rejects.iter().map(RejectMemo::of).collect(),
+        usage: usage_memo(&made.usage),
+    };
+    if let Ok(bytes) = serde_json::to_vec(&entry) {
+        let _ = shared.store.put(DOCUMENTS_BUCKET, key, &bytes);
+    }
+}
+
+/// A kept document's records.
+fn read_records(shared: &RunShared, entry: &DocumentEntry) -> Result<DocumentRecords, RunError> {
+    let missing = || RunError::Cache {
+        path: std::path::PathBuf::from(DOCUMENT_RECORDS_BUCKET),
+        source: std::io::Error::other(format!(
+            "the records of a skipped document ({}) are missing or damaged; run `keg cache clear` or pass `--no-cache`",
+            entry.digest
+        )),
+    };
+    let digest = blake3::Hash::from_hex(&entry.digest).map_err(|_| missing())?;
+    let bytes = shared
+        .store
+        .get(DOCUMENT_RECORDS_BUCKET, &digest)
+        .map_err(|_| missing())?
+        .ok_or_else(missing)?;
+    serde_json::from_slice(&bytes).map_err(|_| missing())
+}

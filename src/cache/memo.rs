@@ -146,11 +146,13 @@ pub struct DocumentEntry {
     pub usage: BTreeMap<String, UsageMemo>,
 }
 
-/// The records of one document that later stages read: per stage, each record's lineage
-/// below the document and its fields.
+/// A record stored under its document: its lineage below the document, and its fields.
+pub type StoredRecord = (Vec<u32>, Map<String, Json>);
+
+/// The records of one document that later stages read, by stage name.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct DocumentRecords {
-    pub stages: Vec<(String, Vec<(Vec<u32>, Map<String, Json>)>)>,
+    pub stages: Vec<(String, Vec<StoredRecord>)>,
 }
 
 impl DocumentRecords {

@@ -374,6 +374,40 @@ fn a_call_that_keeps_failing_is_given_up_and_rejected_with_the_reason() {
 }
 
 #[test]
+fn calls_that_gave_up_are_sent_again_by_the_next_run() {
+    let ws = docs_workspace();
+    // Each picked message fails its first 3 attempts: the first run gives up on it after
+    // 1 + 2 retries, the next run's attempt gets through.
+    let mock = MockLlm::start(Behavior {
+        faults: Faults {
+            server_error: 0.3,
+            times: 3,
+            ..Faults::default()
+        },
+        ..Behavior::default()
+    });
+    let pipeline = shipped_with_provider_fields(&ws, &["retry_delay_ms: 5", "max_retries: 2"]);
+    let output = run_with(&ws, &pipeline, &mock, Kind::OpenAi, &[], &[]);
+    assert_ok(&output);
+    let failed = rejects(&ws).len();
+    assert!(failed > 0);
+    // Not `mock.reset()`: that would also forget how often each message failed.
+    let before = mock.requests();
+    let output = run_with(&ws, &pipeline, &mock, Kind::OpenAi, &[], &[]);
+    assert_ok(&output);
+    assert_eq!(
+        mock.requests() - before,
+        failed,
+        "only the calls that gave up"
+    );
+    assert!(rejects(&ws).is_empty());
+    summary_has(
+        &output,
+        &format!("12 calls: {failed} sent, {} cached", 12 - failed),
+    );
+}
+
+#[test]
 fn bad_replies_land_in_rejects_for_every_provider() {
     for kind in Kind::ALL {
         let ws = many_docs_workspace(10);

@@ -19,6 +19,8 @@ pub const DOCUMENTS_BUCKET: &str = "documents-v1";
 pub const DOCUMENT_RECORDS_BUCKET: &str = "document-records-v1";
 /// Per run: [`OutputsEntry`] under an [`OutputsKey`].
 pub const OUTPUTS_BUCKET: &str = "outputs-v1";
+/// Per `load` stage: [`FileIndex`] under a [`FileIndexKey`].
+pub const FILE_INDEX_BUCKET: &str = "file-index-v1";
 pub const MEMO_KEY_VERSION: u32 = 1;
 
 /// Everything that decides what the per-document stages make of one document.
@@ -59,6 +61,83 @@ impl OutputsKey<'_> {
     pub fn digest(&self) -> blake3::Hash {
         canonical_hash(&serde_json::to_value(self).unwrap_or_default())
     }
+}
+
+/// Whose files a [`FileIndex`] describes: a `load` stage's settings, read from a folder.
+#[derive(Serialize)]
+pub struct FileIndexKey<'a> {
+    pub key_version: u32,
+    pub settings: &'a Json,
+    /// The working directory, which the stage's patterns are relative to.
+    pub cwd: &'a str,
+}
+
+impl FileIndexKey<'_> {
+    pub fn digest(&self) -> blake3::Hash {
+        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
+    }
+}
+
+/// The documents a `load` stage read, by path, so that a file whose size, modification time
+/// and inode are unchanged need not be read again to know its digest (as git's index does).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FileIndex {
+    pub files: BTreeMap<String, FileFacts>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileFacts {
+    pub bytes: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub modified: i128,
+    pub inode: u64,
+    /// blake3 of the bytes.
+    pub digest: String,
+}
+
+impl FileFacts {
+    /// Size, modification time and inode of a file, with no digest yet.
+    pub fn stat(path: &Path) -> io::Result<FileFacts> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileFacts {
+            bytes: meta.len(),
+            modified: modified_nanos(&meta),
+            inode: inode(&meta),
+            digest: String::new(),
+        })
+    }
+
+    /// The same file, as far as its metadata tells.
+    pub fn same_file(&self, other: &FileFacts) -> bool {
+        (self.bytes, self.modified, self.inode) == (other.bytes, other.modified, other.inode)
+    }
+
+    /// Modified long enough ago that a later change shows in the modification time. A file
+    /// changed within the clock's granularity of being read could keep its time (the "racy
+    /// clean" case of git's index), so it is not remembered.
+    pub fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now - self.modified > 2_000_000_000
+    }
+}
+
+fn modified_nanos(meta: &std::fs::Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+#[cfg(unix)]
+fn inode(meta: &std::fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(meta)
+}
+
+#[cfg(not(unix))]
+fn inode(_meta: &std::fs::Metadata) -> u64 {
+    0
 }
 
 /// What one stage did, for one document or for the whole run.
@@ -191,32 +270,25 @@ impl DocumentRecords {
     }
 }
 
-/// A file a run wrote, to tell whether it is still there as written.
+/// A file a run wrote, to tell whether it is still there as written: same size,
+/// modification time and inode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileMemo {
     pub path: PathBuf,
-    pub bytes: u64,
-    pub blake3: String,
+    pub facts: FileFacts,
 }
 
 impl FileMemo {
     pub fn of(path: &Path) -> io::Result<FileMemo> {
-        let bytes = std::fs::read(path)?;
         Ok(FileMemo {
             path: path.to_path_buf(),
-            bytes: bytes.len() as u64,
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            facts: FileFacts::stat(path)?,
         })
     }
 
-    /// The file exists with the bytes it was written with.
+    /// The file exists as it was written.
     pub fn intact(&self) -> bool {
-        match std::fs::metadata(&self.path) {
-            Ok(meta) if meta.len() == self.bytes => {}
-            _ => return false,
-        }
-        std::fs::read(&self.path)
-            .is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == self.blake3)
+        FileFacts::stat(&self.path).is_ok_and(|now| now.same_file(&self.facts))
     }
 }
 

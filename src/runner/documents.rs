@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use indexmap::IndexMap;
 use serde_json::json;
 
 use super::{Run, RunError, StageOutcome};
@@ -30,7 +29,8 @@ use crate::config::Plan;
 use crate::config::plan::provider_identity;
 use crate::record::{Record, canonical_hash};
 use crate::stage::{
-    Mode, Partition, Reject, RunShared, StageContext, StageError, StageStats, Usage, add_usage,
+    Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats, Usage,
+    add_usage,
 };
 
 const KEG_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -145,45 +145,68 @@ impl Document {
 impl Run<'_> {
     pub(super) async fn by_document(&mut self, layout: &Layout) -> Result<(), RunError> {
         let (plan, shared) = (self.plan, self.shared);
-        self.stage(layout.source).await?;
+        let key = |source: &str, digest: &str| {
+            DocumentKey {
+                key_version: MEMO_KEY_VERSION,
+                keg: KEG_VERSION,
+                stages: &layout.digest,
+                source,
+                document: digest,
+            }
+            .digest()
+        };
+        // The source stage asks, per document, whether its results are kept; those it
+        // neither reads nor yields.
+        let kept_entries: Mutex<BTreeMap<String, DocumentEntry>> = Mutex::default();
+        let is_kept = |source: &str, digest: &str| {
+            let entry = shared
+                .store
+                .get(DOCUMENTS_BUCKET, &key(source, digest))
+                .ok()
+                .flatten()
+                .and_then(|bytes| serde_json::from_slice::<DocumentEntry>(&bytes).ok());
+            let Some(entry) = entry else {
+                return false;
+            };
+            kept_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(source.to_owned(), entry);
+            true
+        };
+        let skip: Option<&SkipDocument> = if shared.read_cache {
+            Some(&is_kept)
+        } else {
+            None
+        };
+        self.stage_skipping(layout.source, skip).await?;
         let loaded = self.outputs[layout.source].take().unwrap_or_default();
-        let mut by_source: IndexMap<Arc<str>, Vec<Record>> = IndexMap::new();
+        let mut by_source: BTreeMap<Arc<str>, Vec<Record>> = BTreeMap::new();
         for record in Arc::unwrap_or_clone(loaded) {
             by_source
                 .entry(record.lineage.source.clone())
                 .or_default()
                 .push(record);
         }
-        let sources: Vec<Arc<str>> = by_source.keys().cloned().collect();
+        // Every document, in the order the source listed them (by path).
         let hashes = shared
             .documents
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-
-        // What is kept from earlier runs.
-        let keys: Vec<blake3::Hash> = sources
+        if let Some(outcome) = &mut self.outcomes[layout.source] {
+            // Documents skipped are documents all the same.
+            outcome.records_out = hashes.len();
+        }
+        let mut kept_entries = kept_entries.into_inner().unwrap_or_else(|e| e.into_inner());
+        let sources: Vec<Arc<str>> = hashes.keys().map(|s| Arc::from(s.as_str())).collect();
+        let keys: Vec<blake3::Hash> = hashes
             .iter()
-            .map(|source| {
-                DocumentKey {
-                    key_version: MEMO_KEY_VERSION,
-                    keg: KEG_VERSION,
-                    stages: &layout.digest,
-                    source,
-                    document: hashes.get(&**source).map_or("", String::as_str),
-                }
-                .digest()
-            })
+            .map(|(source, digest)| key(source, digest))
             .collect();
-        let mut documents: Vec<Option<Document>> = keys
+        let mut documents: Vec<Option<Document>> = sources
             .iter()
-            .map(|key| {
-                if !shared.read_cache {
-                    return None;
-                }
-                let bytes = shared.store.get(DOCUMENTS_BUCKET, key).ok()??;
-                serde_json::from_slice(&bytes).ok().map(Document::Kept)
-            })
+            .map(|source| kept_entries.remove(&**source).map(Document::Kept))
             .collect();
         let kept = documents.iter().filter(|d| d.is_some()).count();
         self.documents_skipped = Some((kept, documents.len()));
@@ -208,10 +231,11 @@ impl Run<'_> {
                 .progress_chars("=> "),
             ),
         );
-        let pending: Vec<(usize, Vec<Record>)> = by_source
-            .into_values()
+        let pending: Vec<(usize, Vec<Record>)> = sources
+            .iter()
             .enumerate()
             .filter(|(i, _)| documents[*i].is_none())
+            .map(|(i, source)| (i, by_source.remove(source).unwrap_or_default()))
             .collect();
         let mut stream =
             futures::stream::iter(pending)
@@ -463,6 +487,7 @@ async fn run_document(
             ancestors: &planned.ancestors,
             rejects: &rejects,
             usage: &usage,
+            skip: None,
         };
         let output = planned
             .stage

@@ -14,7 +14,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json, json};
 
-use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats};
+use super::{BuildContext, Kind, Mode, Stage, StageContext, StageError, StageStats};
+use crate::cache::memo::{FILE_INDEX_BUCKET, FileFacts, FileIndex, FileIndexKey, MEMO_KEY_VERSION};
 use crate::config::Diagnostic;
 use crate::record::{Lineage, Record};
 
@@ -184,6 +185,28 @@ fn read_document(path: &Path, max_bytes: u64) -> Result<(String, String), String
     Ok((text, digest))
 }
 
+impl Load {
+    fn index_key(&self) -> blake3::Hash {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        FileIndexKey {
+            key_version: MEMO_KEY_VERSION,
+            settings: &self.settings(),
+            cwd: &cwd.display().to_string(),
+        }
+        .digest()
+    }
+}
+
+fn read_index(cx: &StageContext<'_>, key: &blake3::Hash) -> FileIndex {
+    cx.shared
+        .store
+        .get(FILE_INDEX_BUCKET, key)
+        .ok()
+        .flatten()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
 impl Stage for Load {
     fn partition(&self) -> super::Partition {
         super::Partition::Source
@@ -212,14 +235,42 @@ impl Stage for Load {
             }
             let mut records = Vec::with_capacity(found.len());
             let mut documents = BTreeMap::new();
+            // With `skip`, documents the runner already has results for are listed by digest
+            // only, and unchanged files are not even read (see [`FileIndex`]).
+            let index_key = cx.skip.map(|_| self.index_key());
+            let index = match &index_key {
+                Some(key) => read_index(&cx, key),
+                None => FileIndex::default(),
+            };
+            let mut next_index = FileIndex::default();
             for (relative, path) in found {
                 StageStats::add(&cx.stats.items, 1);
+                let shown = path.display().to_string();
+                let facts = FileFacts::stat(&path).ok();
+                if let (Some(skip), Some(facts), Some(known)) =
+                    (cx.skip, &facts, index.files.get(&shown))
+                    && known.same_file(facts)
+                    && skip(&relative, &known.digest)
+                {
+                    documents.insert(relative, known.digest.clone());
+                    next_index.files.insert(shown, known.clone());
+                    continue;
+                }
                 match read_document(&path, self.config.max_bytes) {
                     Ok((text, digest)) => {
+                        if let Some(mut facts) = facts {
+                            facts.digest = digest.clone();
+                            if facts.settled() {
+                                next_index.files.insert(shown, facts);
+                            }
+                        }
+                        documents.insert(relative.clone(), digest.clone());
+                        if cx.skip.is_some_and(|skip| skip(&relative, &digest)) {
+                            continue;
+                        }
                         let mut data = Map::new();
                         data.insert("path".into(), json!(relative));
                         data.insert("text".into(), Json::String(text));
-                        documents.insert(relative.clone(), digest);
                         records.push(Record::new(data, Lineage::document(&relative)));
                     }
                     Err(reason) => {
@@ -229,7 +280,15 @@ impl Stage for Load {
                     }
                 }
             }
-            if records.is_empty() {
+            if let Some(key) = &index_key
+                && cx.shared.mode == Mode::Run
+                && next_index != index
+                && let Ok(bytes) = serde_json::to_vec(&next_index)
+            {
+                // Best effort: without it the next run reads every file again.
+                let _ = cx.shared.store.put(FILE_INDEX_BUCKET, key, &bytes);
+            }
+            if documents.is_empty() {
                 return Err(StageError::Message(format!(
                     "no documents to load from {}",
                     self.config

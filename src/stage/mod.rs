@@ -480,7 +480,13 @@ pub struct StageContext<'a> {
     pub rejects: &'a Mutex<Vec<Reject>>,
     /// Where the usage of the replies read goes, like `rejects`.
     pub usage: &'a Mutex<BTreeMap<String, Usage>>,
+    /// For a source stage: documents (path, blake3 of the bytes) whose results the runner
+    /// already has. The stage still lists them in [`RunShared::documents`] but need not read
+    /// them or yield their records.
+    pub skip: Option<&'a SkipDocument<'a>>,
 }
+
+pub type SkipDocument<'a> = dyn Fn(&str, &str) -> bool + Sync + 'a;
 
 impl StageContext<'_> {
     pub fn reject(

@@ -330,3 +330,55 @@ fn a_changed_validation_schema_applies_without_calls() {
             .contains("\"code\":\"validate\"")
     );
 }
+
+/// Set a file's modification time to an hour ago, as for a file checked out long before.
+fn age(ws: &Workspace, relative: &str) {
+    let file = std::fs::File::options()
+        .write(true)
+        .open(ws.path(relative))
+        .unwrap();
+    let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+    file.set_modified(past).unwrap();
+}
+
+#[test]
+fn unchanged_files_are_not_read_again_and_edited_ones_are() {
+    let ws = workspace_with_docs();
+    for topic in TOPICS {
+        age(&ws, &format!("docs/{topic}.md"));
+    }
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let first = ws.outputs();
+
+    // Same size, same time, same inode: taken as unchanged without being read, as git's
+    // index and make do. (Here the bytes did change, which shows the file was not read.)
+    let ledger = ws.read("docs/ledger.md");
+    let swapped = ledger.replacen("ledger", "LEDGER", 1);
+    assert_eq!(swapped.len(), ledger.len());
+    let modified = std::fs::metadata(ws.path("docs/ledger.md"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    ws.write("docs/ledger.md", &swapped);
+    std::fs::File::options()
+        .write(true)
+        .open(ws.path("docs/ledger.md"))
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    mock.reset();
+    ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0);
+    assert_eq!(ws.outputs(), first);
+
+    // An edit as editors make them (a new modification time) is seen.
+    ws.write("docs/ledger.md", &swapped);
+    mock.reset();
+    let output = ws.run_docs_qa(&mock);
+    assert!(mock.requests() > 0, "{}", stderr(&output));
+    for body in mock.bodies() {
+        assert!(user_message(&body).starts_with("Document: ledger.md"));
+    }
+    assert!(user_message(&mock.bodies()[0]).contains("LEDGER"));
+}

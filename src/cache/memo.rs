@@ -234,20 +234,30 @@ pub struct DocumentRecords {
     pub stages: Vec<(String, Vec<StoredRecord>)>,
 }
 
+/// [`DocumentRecords`] borrowed from the records themselves, to store without copying them.
+#[derive(Serialize)]
+struct DocumentRecordsView<'a> {
+    stages: Vec<(&'a str, Vec<RecordView<'a>>)>,
+}
+
+type RecordView<'a> = (&'a [u32], &'a Map<String, Json>);
+
 impl DocumentRecords {
-    pub fn of(stages: &[(String, Vec<Record>)]) -> DocumentRecords {
-        DocumentRecords {
+    /// The stored form of records, by stage name: what [`DocumentRecords`] reads back.
+    pub fn to_bytes(stages: &[(String, Vec<Record>)]) -> Vec<u8> {
+        let view = DocumentRecordsView {
             stages: stages
                 .iter()
                 .map(|(name, records)| {
                     let records = records
                         .iter()
-                        .map(|r| (r.lineage.path.clone(), r.data.clone()))
+                        .map(|r| (r.lineage.path.as_slice(), &r.data))
                         .collect();
-                    (name.clone(), records)
+                    (name.as_str(), records)
                 })
                 .collect(),
-        }
+        };
+        serde_json::to_vec(&view).unwrap_or_default()
     }
 
     /// The records of stage `name`, with `source` as their document.
@@ -342,8 +352,7 @@ mod tests {
                 path: vec![2, 0],
             },
         );
-        let stored = DocumentRecords::of(&[("checked".to_owned(), vec![record.clone()])]);
-        let bytes = serde_json::to_vec(&stored).unwrap();
+        let bytes = DocumentRecords::to_bytes(&[("checked".to_owned(), vec![record.clone()])]);
         let mut back: DocumentRecords = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back.take("checked", &source), vec![record]);
         assert_eq!(back.take("other", &source), Vec::new());

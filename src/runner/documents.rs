@@ -131,6 +131,8 @@ struct Made {
     usage: BTreeMap<String, Usage>,
     /// See [`DocumentEntry::digest`].
     digest: String,
+    /// The records' stored form, until they are kept.
+    stored: Vec<u8>,
 }
 
 impl Document {
@@ -249,8 +251,8 @@ impl Run<'_> {
         while let Some((i, result)) = stream.next().await {
             bar.inc(1);
             match result {
-                Ok(made) => {
-                    keep(shared, &keys[i], &made);
+                Ok(mut made) => {
+                    keep(shared, &keys[i], &mut made);
                     documents[i] = Some(Document::Made(made));
                 }
                 // A fatal error stops the other documents, which then end as interrupted:
@@ -514,9 +516,11 @@ async fn run_document(
         .collect();
     let rejects = rejects.into_inner().unwrap_or_else(|e| e.into_inner());
     let usage = usage.into_inner().unwrap_or_else(|e| e.into_inner());
-    let digest = document_digest(&records, &rejects, &usage);
+    let stored = DocumentRecords::to_bytes(&records);
+    let digest = document_digest(&stored, &rejects, &usage);
     Ok(Made {
         records,
+        stored,
         stages,
         rejects,
         usage,
@@ -539,15 +543,11 @@ fn take(
     }
 }
 
-/// blake3 over what later stages see of a document: its records, rejects and usage.
-fn document_digest(
-    records: &[(String, Vec<Record>)],
-    rejects: &[Reject],
-    usage: &BTreeMap<String, Usage>,
-) -> String {
+/// blake3 over what later stages see of a document: its records (stored form), rejects and
+/// usage.
+fn document_digest(stored: &[u8], rejects: &[Reject], usage: &BTreeMap<String, Usage>) -> String {
     let mut hasher = blake3::Hasher::new();
-    let stored = DocumentRecords::of(records);
-    let _ = serde_json::to_writer(HashWriter(&mut hasher), &stored);
+    hasher.update(stored);
     let mut rejects: Vec<RejectMemo> = rejects.iter().map(RejectMemo::of).collect();
     rejects.sort_by(|a, b| (&a.path, &a.reject.stage).cmp(&(&b.path, &b.reject.stage)));
     let _ = serde_json::to_writer(HashWriter(&mut hasher), &rejects);
@@ -571,20 +571,17 @@ impl std::io::Write for HashWriter<'_> {
 /// points at them, so an entry is never found without its records. Not kept: plans, and
 /// documents with a call that failed (the next run tries it again). Best effort: what
 /// cannot be kept is made again next time.
-fn keep(shared: &RunShared, key: &blake3::Hash, made: &Made) {
+fn keep(shared: &RunShared, key: &blake3::Hash, made: &mut Made) {
+    let stored = std::mem::take(&mut made.stored);
     if shared.mode != Mode::Run || made.rejects.iter().any(Reject::is_transient) {
         return;
     }
     let Ok(digest) = blake3::Hash::from_hex(&made.digest) else {
         return;
     };
-    let stored = DocumentRecords::of(&made.records);
-    let Ok(records) = serde_json::to_vec(&stored) else {
-        return;
-    };
     if shared
         .store
-        .put(DOCUMENT_RECORDS_BUCKET, &digest, &records)
+        .put(DOCUMENT_RECORDS_BUCKET, &digest, &stored)
         .is_err()
     {
         return;

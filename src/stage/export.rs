@@ -218,14 +218,19 @@ fn text<'r>(
     data: &'r serde_json::Map<String, Json>,
     context: &minijinja::Value,
 ) -> Result<Cow<'r, str>, String> {
-    let text = match expr.field().and_then(|name| data.get(name)) {
+    let text = match expr.field().and_then(|name| super::field(data, name)) {
         Some(Json::String(s)) => Cow::Borrowed(s.as_str()),
         Some(other) => Cow::Owned(display(minijinja::Value::from(minijinja::value::Serde(
             other,
         )))),
         None => Cow::Owned(display(expr.eval(context).map_err(|e| e.message)?)),
     };
-    if text.trim().is_empty() {
+    // Most texts start with a letter: only the others need the (Unicode) trim.
+    let blank = match text.as_bytes().first() {
+        Some(b) if b.is_ascii_graphic() => false,
+        _ => text.trim().is_empty(),
+    };
+    if blank {
         Err(format!("`{}` is empty", expr.source()))
     } else {
         Ok(text)
@@ -374,7 +379,7 @@ impl Stage for Export {
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
             StageStats::add(&cx.stats.items, input.len() as u64);
-            if !input.is_sorted_by(|a, b| crate::record::by_lineage(a, b).is_le()) {
+            if !super::in_lineage_order(&input) {
                 input.sort_by(crate::record::by_lineage);
             }
             let compiled = self.compile()?;
@@ -393,14 +398,26 @@ impl Stage for Export {
                 files.insert(name.clone(), open(name)?);
             }
             let mut line = Vec::new();
+            let mut last: Option<(String, usize)> = None;
             for record in &mut input {
                 match self.row(&compiled, record, &mut line) {
                     Ok(()) => {
                         let split = record.split.as_deref().unwrap_or("data");
-                        let output = match files.get_mut(split) {
-                            Some(output) => output,
-                            None => files.entry(split.to_owned()).or_insert(open(split)?),
+                        // Records of a split come in runs: look its file up once per run.
+                        let index = match &last {
+                            Some((name, index)) if **name == *split => *index,
+                            _ => {
+                                let index = match files.get_index_of(split) {
+                                    Some(index) => index,
+                                    None => files.insert_full(split.to_owned(), open(split)?).0,
+                                };
+                                last = Some((split.to_owned(), index));
+                                index
+                            }
                         };
+                        let (_, output) = files
+                            .get_index_mut(index)
+                            .ok_or_else(|| StageError::Message(format!("no file for `{split}`")))?;
                         output.push(&line)?;
                         output.rows += 1;
                     }

@@ -401,6 +401,32 @@ pub fn template_context<R>(
     result
 }
 
+/// A record's field. Records have a handful of fields, and comparing a few short keys is
+/// cheaper than hashing the name with the map's SipHash.
+pub fn field<'m>(data: &'m serde_json::Map<String, Json>, name: &str) -> Option<&'m Json> {
+    if data.len() <= 8 {
+        data.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value)
+    } else {
+        data.get(name)
+    }
+}
+
+/// Whether `records` are already in lineage order, as they arrive from the stages before,
+/// so the aggregate stages can skip sorting. Records of one document share the `Arc` of its
+/// path, so most comparisons never read the path.
+pub fn in_lineage_order(records: &[Record]) -> bool {
+    records.is_sorted_by(|a, b| {
+        let (a, b) = (&a.lineage, &b.lineage);
+        if Arc::ptr_eq(&a.source, &b.source) {
+            a.path <= b.path
+        } else {
+            a <= b
+        }
+    })
+}
+
 #[derive(Debug)]
 struct TemplateContext {
     data: serde_json::Map<String, Json>,

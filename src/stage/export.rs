@@ -415,9 +415,7 @@ impl Stage for Export {
                                 index
                             }
                         };
-                        let (_, output) = files
-                            .get_index_mut(index)
-                            .ok_or_else(|| StageError::Message(format!("no file for `{split}`")))?;
+                        let output = &mut files[index];
                         output.push(&line)?;
                         output.rows += 1;
                     }

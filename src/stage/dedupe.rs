@@ -58,6 +58,23 @@ pub fn normalize_text(text: &str) -> String {
 /// [`normalize_text`] appended to `out` as UTF-8, so one buffer serves every record.
 pub fn normalize_into(text: &str, out: &mut Vec<u8>) {
     let start = out.len();
+    let bytes = text.as_bytes();
+    // Whitespace other than single spaces between words; counted without stopping early so
+    // the loop vectorises.
+    let control_space = bytes
+        .iter()
+        .fold(0usize, |n, &b| n + usize::from(b.wrapping_sub(b'\t') < 5));
+    if control_space == 0
+        && bytes.first() != Some(&b' ')
+        && bytes.last() != Some(&b' ')
+        && !text.contains("  ")
+        && text.is_ascii()
+    {
+        // Already folded: only lowercase, over the whole slice at once.
+        out.extend_from_slice(bytes);
+        out[start..].make_ascii_lowercase();
+        return;
+    }
     if text.is_ascii() {
         // The same result, byte by byte: for ASCII, `char::is_whitespace` is 0x09–0x0D and
         // space (`u8::is_ascii_whitespace` leaves out 0x0B), and lowercasing is ASCII's own.
@@ -210,6 +227,10 @@ mod tests {
             "  What IS\n\tKeg?  ",
             "x\x1fy\x1cz",
             "ALL CAPS_and-Digits 0123",
+            "What Is KEG?",
+            "trailing ",
+            "two  spaces",
+            "a\u{a0}B\u{2003}c",
         ] {
             buf.clear();
             normalize_into(text, &mut buf);

@@ -163,52 +163,83 @@ impl Export {
         line: &mut Vec<u8>,
     ) -> Result<(), String> {
         line.clear();
+        if compiled.system.is_none()
+            && let (Some(prompt), Some(completion)) = (
+                field_text(&compiled.prompt, &record.data),
+                field_text(&compiled.completion, &record.data),
+            )
+        {
+            // Both are fields the record has (`question`, `answer`): no template context.
+            let prompt = non_blank(&compiled.prompt, prompt)?;
+            let completion = non_blank(&compiled.completion, completion)?;
+            return self.write_row(line, &prompt, &completion, None);
+        }
         template_context(record, &[], |data, context| {
             let prompt = text(&compiled.prompt, data, context)?;
             let completion = text(&compiled.completion, data, context)?;
-            let written = match self.config.format {
-                Format::PromptCompletion => serde_json::to_writer(
-                    &mut *line,
-                    &PromptCompletion {
-                        prompt: &prompt,
-                        completion: &completion,
-                    },
-                ),
-                Format::Chat => {
-                    let system = match &compiled.system {
-                        Some(template) => Some(template.render(context).map_err(|e| e.message)?),
-                        None => None,
-                    };
-                    let mut messages = Vec::with_capacity(3);
-                    if let Some(system) = system.as_deref().map(str::trim)
-                        && !system.is_empty()
-                    {
-                        messages.push(Turn {
-                            role: "system",
-                            content: system,
-                        });
-                    }
-                    messages.push(Turn {
-                        role: "user",
-                        content: &prompt,
-                    });
-                    messages.push(Turn {
-                        role: "assistant",
-                        content: &completion,
-                    });
-                    serde_json::to_writer(
-                        &mut *line,
-                        &Chat {
-                            messages: &messages,
-                        },
-                    )
-                }
+            let system = match &compiled.system {
+                Some(template) => Some(template.render(context).map_err(|e| e.message)?),
+                None => None,
             };
-            written.map_err(|e| e.to_string())?;
-            line.push(b'\n');
-            Ok(())
+            self.write_row(line, &prompt, &completion, system.as_deref())
         })
     }
+
+    fn write_row(
+        &self,
+        line: &mut Vec<u8>,
+        prompt: &str,
+        completion: &str,
+        system: Option<&str>,
+    ) -> Result<(), String> {
+        let written = match self.config.format {
+            Format::PromptCompletion => {
+                serde_json::to_writer(&mut *line, &PromptCompletion { prompt, completion })
+            }
+            Format::Chat => {
+                let mut messages = Vec::with_capacity(3);
+                if let Some(system) = system.map(str::trim)
+                    && !system.is_empty()
+                {
+                    messages.push(Turn {
+                        role: "system",
+                        content: system,
+                    });
+                }
+                messages.push(Turn {
+                    role: "user",
+                    content: prompt,
+                });
+                messages.push(Turn {
+                    role: "assistant",
+                    content: completion,
+                });
+                serde_json::to_writer(
+                    &mut *line,
+                    &Chat {
+                        messages: &messages,
+                    },
+                )
+            }
+        };
+        written.map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        Ok(())
+    }
+}
+
+/// The text of `expr` read straight from the record, when it is a bare field name the record
+/// has; as minijinja would show the field's value.
+fn field_text<'r>(
+    expr: &Expression,
+    data: &'r serde_json::Map<String, Json>,
+) -> Option<Cow<'r, str>> {
+    Some(match super::field(data, expr.field()?)? {
+        Json::String(s) => Cow::Borrowed(s.as_str()),
+        other => Cow::Owned(display(minijinja::Value::from(minijinja::value::Serde(
+            other,
+        )))),
+    })
 }
 
 /// The text of `expr` for a record: a bare field name is read from the record's map, other
@@ -218,13 +249,14 @@ fn text<'r>(
     data: &'r serde_json::Map<String, Json>,
     context: &minijinja::Value,
 ) -> Result<Cow<'r, str>, String> {
-    let text = match expr.field().and_then(|name| super::field(data, name)) {
-        Some(Json::String(s)) => Cow::Borrowed(s.as_str()),
-        Some(other) => Cow::Owned(display(minijinja::Value::from(minijinja::value::Serde(
-            other,
-        )))),
+    let text = match field_text(expr, data) {
+        Some(text) => text,
         None => Cow::Owned(display(expr.eval(context).map_err(|e| e.message)?)),
     };
+    non_blank(expr, text)
+}
+
+fn non_blank<'r>(expr: &Expression, text: Cow<'r, str>) -> Result<Cow<'r, str>, String> {
     // Most texts start with a letter: only the others need the (Unicode) trim.
     let blank = match text.as_bytes().first() {
         Some(b) if b.is_ascii_graphic() => false,
@@ -540,6 +572,74 @@ mod tests {
             assert_eq!(direct, evaluated, "{name}");
         }
         assert_eq!(record.data, data, "the record is given back whole");
+    }
+
+    #[test]
+    fn rows_are_the_json_they_were_built_as_before() {
+        let export = |format, prompt: &str, system: Option<&str>| Export {
+            config: ExportConfig {
+                dir: "out".into(),
+                format,
+                prompt: prompt.into(),
+                completion: "answer".into(),
+                system: system.map(str::to_owned),
+            },
+            templates: Templates::new(Vec::new()),
+            template_name: "p.yaml#dataset.system".into(),
+        };
+        let Json::Object(data) = json!({
+            "question": "Say \"hi\"\n\t<b>é</b> \u{1}",
+            "answer": 42,
+        }) else {
+            unreachable!()
+        };
+        let mut record = Record::new(data, Lineage::document("a.md"));
+        let cases = [
+            (
+                export(Format::PromptCompletion, "question", None),
+                json!({"prompt": "Say \"hi\"\n\t<b>é</b> \u{1}", "completion": "42"}),
+            ),
+            (
+                export(Format::PromptCompletion, "'Q: ' ~ question", None),
+                json!({"prompt": "Q: Say \"hi\"\n\t<b>é</b> \u{1}", "completion": "42"}),
+            ),
+            (
+                export(
+                    Format::Chat,
+                    "question",
+                    Some("  Be brief about {{ answer }}. "),
+                ),
+                json!({"messages": [
+                    {"role": "system", "content": "Be brief about 42."},
+                    {"role": "user", "content": "Say \"hi\"\n\t<b>é</b> \u{1}"},
+                    {"role": "assistant", "content": "42"},
+                ]}),
+            ),
+            (
+                export(Format::Chat, "question", Some(" ")),
+                json!({"messages": [
+                    {"role": "user", "content": "Say \"hi\"\n\t<b>é</b> \u{1}"},
+                    {"role": "assistant", "content": "42"},
+                ]}),
+            ),
+        ];
+        let mut line = b"left over".to_vec();
+        for (export, expected) in cases {
+            let compiled = export.compile().unwrap();
+            export.row(&compiled, &mut record, &mut line).unwrap();
+            let mut want = serde_json::to_vec(&expected).unwrap();
+            want.push(b'\n');
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                String::from_utf8_lossy(&want)
+            );
+        }
+        let empty = export(Format::PromptCompletion, "missing", None);
+        let compiled = empty.compile().unwrap();
+        assert_eq!(
+            empty.row(&compiled, &mut record, &mut line),
+            Err("`missing` is empty".to_owned())
+        );
     }
 
     #[test]

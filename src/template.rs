@@ -1,6 +1,9 @@
 //! The minijinja environment prompts are rendered with: a search path of template folders,
 //! strict undefined (a typo is an error naming template and line, not an empty prompt), no
 //! HTML escaping.
+//!
+//! Stages compile their templates and expressions once per run ([`Templates::template`],
+//! [`Templates::inline`], [`Templates::expression`]) and render them per record.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +28,8 @@ impl Templates {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_debug(true);
+        // Templates are read once per run; with auto-reload on, every lookup `stat`s the file.
+        env.set_auto_reload(false);
         let search = dirs.clone();
         env.set_loader(move |name| {
             for dir in &search {
@@ -67,19 +72,6 @@ impl Templates {
         template.render(context).map_err(describe)
     }
 
-    pub fn render_inline(
-        &self,
-        name: &str,
-        source: &str,
-        context: &minijinja::Value,
-    ) -> Result<String, TemplateError> {
-        let template = self
-            .env
-            .template_from_named_str(name, source)
-            .map_err(describe)?;
-        template.render(context).map_err(describe)
-    }
-
     /// Compile an expression such as `max(1, text | length // 100)`.
     pub fn check_expression(&self, source: &str) -> Result<(), TemplateError> {
         self.env
@@ -88,14 +80,77 @@ impl Templates {
             .map_err(describe)
     }
 
-    pub fn eval(
-        &self,
-        source: &str,
-        context: &minijinja::Value,
-    ) -> Result<minijinja::Value, TemplateError> {
-        let expr = self.env.compile_expression(source).map_err(describe)?;
-        expr.eval(context).map_err(describe)
+    /// Compile an expression once, to evaluate it on many records.
+    pub fn expression<'a>(&'a self, source: &'a str) -> Result<Expression<'a>, TemplateError> {
+        let compiled = self.env.compile_expression(source).map_err(describe)?;
+        Ok(Expression {
+            source,
+            field: is_bare_name(source.trim()).then(|| source.trim()),
+            compiled,
+        })
     }
+
+    /// A template file by name, loaded and compiled once, to render on many records.
+    pub fn template<'a>(&'a self, name: &str) -> Result<Template<'a>, TemplateError> {
+        self.env.get_template(name).map(Template).map_err(describe)
+    }
+
+    /// An inline template from the pipeline file, compiled once, to render on many records.
+    pub fn inline<'a>(
+        &'a self,
+        name: &'a str,
+        source: &'a str,
+    ) -> Result<Template<'a>, TemplateError> {
+        self.env
+            .template_from_named_str(name, source)
+            .map(Template)
+            .map_err(describe)
+    }
+}
+
+/// A compiled template (see [`Templates::template`] and [`Templates::inline`]).
+pub struct Template<'a>(minijinja::Template<'a, 'a>);
+
+impl Template<'_> {
+    pub fn render(&self, context: &minijinja::Value) -> Result<String, TemplateError> {
+        self.0.render(context).map_err(describe)
+    }
+}
+
+/// A compiled expression, such as `max(1, text | length // 100)` or `question`.
+pub struct Expression<'a> {
+    source: &'a str,
+    field: Option<&'a str>,
+    compiled: minijinja::Expression<'a, 'a>,
+}
+
+impl Expression<'_> {
+    pub fn source(&self) -> &str {
+        self.source
+    }
+
+    /// The field this expression reads when it is a bare name such as `question`, so a
+    /// caller holding the record can read that field without minijinja. Only when the record
+    /// has the field: a missing name resolves like any other expression (it may be a global).
+    pub fn field(&self) -> Option<&str> {
+        self.field
+    }
+
+    pub fn eval(&self, context: &minijinja::Value) -> Result<minijinja::Value, TemplateError> {
+        self.compiled.eval(context).map_err(describe)
+    }
+}
+
+/// An identifier that minijinja reads as a variable lookup (not `true`, `none`, `not` …).
+fn is_bare_name(source: &str) -> bool {
+    const RESERVED: &[&str] = &[
+        "true", "false", "none", "True", "False", "None", "not", "and", "or", "in", "is", "if",
+        "else", "loop", "self",
+    ];
+    let mut chars = source.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !RESERVED.contains(&source)
 }
 
 /// `qa/user.j2:3: undefined value (in {{ chunk.txt }})` — template and line first.

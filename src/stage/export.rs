@@ -1,9 +1,11 @@
 //! `export`: write one JSONL file per split (`train.jsonl` …) in a trainer format, plus
-//! `rejects.jsonl` and `manifest.json`. Every file is written to a temp file and renamed, so
-//! none is ever half-written; rows are in lineage order, so files are byte-identical across
-//! runs whatever order LLM calls finished in.
+//! `rejects.jsonl` and `manifest.json`. Rows stream to temp files beside the outputs, which
+//! are renamed into place together once all are written, so none is ever half-written and an
+//! error leaves last run's files as they were; rows are in lineage order, so files are
+//! byte-identical across runs whatever order LLM calls finished in.
 
-use std::io::Write;
+use std::borrow::Cow;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use super::{
 };
 use crate::config::Diagnostic;
 use crate::record::Record;
-use crate::template::Templates;
+use crate::template::{Expression, Template, Templates};
 
 pub const KIND: Kind = Kind {
     name: "export",
@@ -116,67 +118,285 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
     }))
 }
 
+/// The expressions and template of an export, compiled once per run.
+struct Compiled<'a> {
+    prompt: Expression<'a>,
+    completion: Expression<'a>,
+    system: Option<Template<'a>>,
+}
+
+/// A `prompt-completion` row; serialised like the `json!` object it replaces, keys in order.
+#[derive(Serialize)]
+struct PromptCompletion<'a> {
+    prompt: &'a str,
+    completion: &'a str,
+}
+
+#[derive(Serialize)]
+struct Chat<'a> {
+    messages: &'a [Turn<'a>],
+}
+
+#[derive(Serialize)]
+struct Turn<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
 impl Export {
-    /// One output row, or why the record cannot be one.
-    fn row(&self, record: &Record) -> Result<Json, String> {
-        let context = template_context(record, &[]);
-        let text = |expr: &str| -> Result<String, String> {
-            let value = self.templates.eval(expr, &context).map_err(|e| e.message)?;
-            let text = match value.as_str() {
-                Some(s) => s.to_owned(),
-                None if value.is_undefined() || value.is_none() => String::new(),
-                None => value.to_string(),
+    fn compile(&self) -> Result<Compiled<'_>, StageError> {
+        Ok(Compiled {
+            prompt: self.templates.expression(&self.config.prompt)?,
+            completion: self.templates.expression(&self.config.completion)?,
+            system: match &self.config.system {
+                Some(source) => Some(self.templates.inline(&self.template_name, source)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Write one output row (a JSON line) into `line`, or say why the record cannot be one.
+    fn row(
+        &self,
+        compiled: &Compiled,
+        record: &mut Record,
+        line: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        line.clear();
+        if compiled.system.is_none()
+            && let (Some(prompt), Some(completion)) = (
+                field_text(&compiled.prompt, &record.data),
+                field_text(&compiled.completion, &record.data),
+            )
+        {
+            // Both are fields the record has (`question`, `answer`): no template context.
+            let prompt = non_blank(&compiled.prompt, prompt)?;
+            let completion = non_blank(&compiled.completion, completion)?;
+            return self.write_row(line, &prompt, &completion, None);
+        }
+        template_context(record, &[], |data, context| {
+            let prompt = text(&compiled.prompt, data, context)?;
+            let completion = text(&compiled.completion, data, context)?;
+            let system = match &compiled.system {
+                Some(template) => Some(template.render(context).map_err(|e| e.message)?),
+                None => None,
             };
-            if text.trim().is_empty() {
-                Err(format!("`{expr}` is empty"))
-            } else {
-                Ok(text)
+            self.write_row(line, &prompt, &completion, system.as_deref())
+        })
+    }
+
+    fn write_row(
+        &self,
+        line: &mut Vec<u8>,
+        prompt: &str,
+        completion: &str,
+        system: Option<&str>,
+    ) -> Result<(), String> {
+        let written = match self.config.format {
+            Format::PromptCompletion => {
+                serde_json::to_writer(&mut *line, &PromptCompletion { prompt, completion })
+            }
+            Format::Chat => {
+                let mut messages = Vec::with_capacity(3);
+                if let Some(system) = system.map(str::trim)
+                    && !system.is_empty()
+                {
+                    messages.push(Turn {
+                        role: "system",
+                        content: system,
+                    });
+                }
+                messages.push(Turn {
+                    role: "user",
+                    content: prompt,
+                });
+                messages.push(Turn {
+                    role: "assistant",
+                    content: completion,
+                });
+                serde_json::to_writer(
+                    &mut *line,
+                    &Chat {
+                        messages: &messages,
+                    },
+                )
             }
         };
-        let prompt = text(&self.config.prompt)?;
-        let completion = text(&self.config.completion)?;
-        Ok(match self.config.format {
-            Format::PromptCompletion => json!({ "prompt": prompt, "completion": completion }),
-            Format::Chat => {
-                let mut messages = Vec::new();
-                if let Some(system) = &self.config.system {
-                    let system = self
-                        .templates
-                        .render_inline(&self.template_name, system, &context)
-                        .map_err(|e| e.message)?;
-                    if !system.trim().is_empty() {
-                        messages.push(json!({ "role": "system", "content": system.trim() }));
-                    }
+        written.map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        Ok(())
+    }
+}
+
+/// The text of `expr` read straight from the record, when it is a bare field name the record
+/// has; as minijinja would show the field's value.
+fn field_text<'r>(
+    expr: &Expression,
+    data: &'r serde_json::Map<String, Json>,
+) -> Option<Cow<'r, str>> {
+    Some(match super::field(data, expr.field()?)? {
+        Json::String(s) => Cow::Borrowed(s.as_str()),
+        other => Cow::Owned(display(minijinja::Value::from(minijinja::value::Serde(
+            other,
+        )))),
+    })
+}
+
+/// The text of `expr` for a record: a bare field name is read from the record's map, other
+/// expressions are evaluated. Missing and `none` read as empty, and empty is an error.
+fn text<'r>(
+    expr: &Expression,
+    data: &'r serde_json::Map<String, Json>,
+    context: &minijinja::Value,
+) -> Result<Cow<'r, str>, String> {
+    let text = match field_text(expr, data) {
+        Some(text) => text,
+        None => Cow::Owned(display(expr.eval(context).map_err(|e| e.message)?)),
+    };
+    non_blank(expr, text)
+}
+
+fn non_blank<'r>(expr: &Expression, text: Cow<'r, str>) -> Result<Cow<'r, str>, String> {
+    // Most texts start with a letter: only the others need the (Unicode) trim.
+    let blank = match text.as_bytes().first() {
+        Some(b) if b.is_ascii_graphic() => false,
+        _ => text.trim().is_empty(),
+    };
+    if blank {
+        Err(format!("`{}` is empty", expr.source()))
+    } else {
+        Ok(text)
+    }
+}
+
+fn display(value: minijinja::Value) -> String {
+    match value.as_str() {
+        Some(s) => s.to_owned(),
+        None if value.is_undefined() || value.is_none() => String::new(),
+        None => value.to_string(),
+    }
+}
+
+/// One output file being written: rows go through a buffer to a temp file beside `path`
+/// (none in a plan), hashed on the way for the manifest.
+struct Output {
+    path: PathBuf,
+    rows: usize,
+    writer: BufWriter<Hashing>,
+}
+
+struct Hashing {
+    file: Option<tempfile::NamedTempFile>,
+    hasher: blake3::Hasher,
+}
+
+impl Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = match &mut self.file {
+            Some(file) => file.write(buf)?,
+            None => buf.len(),
+        };
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A written output, waiting to be renamed into place.
+struct Finished {
+    path: PathBuf,
+    rows: usize,
+    digest: blake3::Hash,
+    temp: Option<tempfile::NamedTempFile>,
+}
+
+impl Output {
+    /// `write: false` (a plan) counts and hashes rows but creates no file.
+    fn create(path: PathBuf, write: bool) -> Result<Output, StageError> {
+        let file = if write {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let temp = tempfile::Builder::new()
+                .prefix(".keg-tmp")
+                .tempfile_in(dir)
+                .map_err(|e| StageError::io(dir, e))?;
+            Some(temp)
+        } else {
+            None
+        };
+        let hashing = Hashing {
+            file,
+            hasher: blake3::Hasher::new(),
+        };
+        Ok(Output {
+            path,
+            rows: 0,
+            writer: BufWriter::with_capacity(256 * 1024, hashing),
+        })
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        self.writer
+            .write_all(bytes)
+            .map_err(|e| StageError::io(&self.path, e))
+    }
+
+    fn finish(self) -> Result<Finished, StageError> {
+        let Output { path, rows, writer } = self;
+        let hashing = writer
+            .into_inner()
+            .map_err(|e| StageError::io(&path, e.into_error()))?;
+        let temp = match hashing.file {
+            Some(temp) => {
+                temp.as_file()
+                    .sync_all()
+                    .map_err(|e| StageError::io(&path, e))?;
+                // Temp files are private (0600); outputs are ordinary files others may read.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o644))
+                        .map_err(|e| StageError::io(&path, e))?;
                 }
-                messages.push(json!({ "role": "user", "content": prompt }));
-                messages.push(json!({ "role": "assistant", "content": completion }));
-                json!({ "messages": messages })
+                Some(temp)
             }
+            None => None,
+        };
+        Ok(Finished {
+            path,
+            rows,
+            digest: hashing.hasher.finalize(),
+            temp,
         })
     }
 }
 
-/// Write `bytes` to `path` through a temp file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
-    let mut file = tempfile::Builder::new()
-        .prefix(".keg-tmp")
-        .tempfile_in(dir)
-        .map_err(|e| StageError::io(dir, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.as_file().sync_all())
-        .map_err(|e| StageError::io(path, e))?;
-    // Temp files are private (0600); outputs are ordinary files others may read.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| StageError::io(path, e))?;
+/// Rename every written output into place; returns each path with its row count. A folder
+/// where a file should go is the one failure renaming is likely to meet, so it is checked
+/// before anything is renamed. Temp files not renamed are removed when dropped.
+fn commit(outputs: Vec<Finished>) -> Result<Vec<(PathBuf, usize)>, StageError> {
+    for output in &outputs {
+        if output.path.is_dir() {
+            return Err(StageError::io(
+                &output.path,
+                std::io::ErrorKind::IsADirectory.into(),
+            ));
+        }
     }
-    file.persist(path)
-        .map_err(|e| StageError::io(path, e.error))?;
-    Ok(())
+    let mut written = Vec::with_capacity(outputs.len());
+    for output in outputs {
+        if let Some(temp) = output.temp {
+            temp.persist(&output.path)
+                .map_err(|e| StageError::io(&output.path, e.error))?;
+            written.push((output.path, output.rows));
+        }
+    }
+    Ok(written)
 }
 
 impl Stage for Export {
@@ -191,26 +411,45 @@ impl Stage for Export {
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
             StageStats::add(&cx.stats.items, input.len() as u64);
-            input.sort_by(crate::record::by_lineage);
+            if !super::in_lineage_order(&input) {
+                input.sort_by(crate::record::by_lineage);
+            }
+            let compiled = self.compile()?;
             let dir = PathBuf::from(&self.config.dir);
+            let write = cx.shared.mode == Mode::Run;
+            if write {
+                std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
+            }
+            let open = |name: &str| Output::create(dir.join(format!("{name}.jsonl")), write);
 
             // Every split named upstream gets a file, even an empty one, so that a split
             // that emptied out does not leave last run's file behind.
             // In the order the splits were declared (train, valid, test).
-            let mut files: IndexMap<String, Vec<u8>> = match cx.splits {
-                Some(names) => names.iter().map(|n| (n.clone(), Vec::new())).collect(),
-                None => IndexMap::new(),
-            };
-            let mut rows: IndexMap<String, usize> = files.keys().map(|k| (k.clone(), 0)).collect();
-            for record in &input {
-                let split = record.split.as_deref().unwrap_or("data").to_owned();
-                match self.row(record) {
-                    Ok(row) => {
-                        let buf = files.entry(split.clone()).or_default();
-                        serde_json::to_writer(&mut *buf, &row)
-                            .map_err(|e| StageError::Message(e.to_string()))?;
-                        buf.push(b'\n');
-                        *rows.entry(split).or_default() += 1;
+            let mut files: IndexMap<String, Output> = IndexMap::new();
+            for name in cx.splits.unwrap_or_default() {
+                files.insert(name.clone(), open(name)?);
+            }
+            let mut line = Vec::new();
+            let mut last: Option<(String, usize)> = None;
+            for record in &mut input {
+                match self.row(&compiled, record, &mut line) {
+                    Ok(()) => {
+                        let split = record.split.as_deref().unwrap_or("data");
+                        // Records of a split come in runs: look its file up once per run.
+                        let index = match &last {
+                            Some((name, index)) if **name == *split => *index,
+                            _ => {
+                                let index = match files.get_index_of(split) {
+                                    Some(index) => index,
+                                    None => files.insert_full(split.to_owned(), open(split)?).0,
+                                };
+                                last = Some((split.to_owned(), index));
+                                index
+                            }
+                        };
+                        let output = &mut files[index];
+                        output.push(&line)?;
+                        output.rows += 1;
                     }
                     Err(reason) => cx.reject(&record.lineage, "empty_field", reason, None),
                 }
@@ -226,12 +465,31 @@ impl Stage for Export {
                 .cloned()
                 .collect();
             rejects.sort_by(|a, b| (&a.order, &a.stage).cmp(&(&b.order, &b.stage)));
-            let mut rejects_file = Vec::new();
+            let mut rejects_file = open("rejects")?;
             for reject in &rejects {
-                serde_json::to_writer(&mut rejects_file, reject)
+                line.clear();
+                serde_json::to_writer(&mut line, reject)
                     .map_err(|e| StageError::Message(e.to_string()))?;
-                rejects_file.push(b'\n');
+                line.push(b'\n');
+                rejects_file.push(&line)?;
             }
+            rejects_file.rows = rejects.len();
+
+            let mut finished = Vec::with_capacity(files.len() + 2);
+            let mut splits = serde_json::Map::new();
+            for (name, output) in files {
+                let output = output.finish()?;
+                splits.insert(
+                    name.clone(),
+                    json!({
+                        "file": format!("{name}.jsonl"),
+                        "rows": output.rows,
+                        "blake3": output.digest.to_hex().as_str(),
+                    }),
+                );
+                finished.push(output);
+            }
+            finished.push(rejects_file.finish()?);
 
             let documents = cx
                 .shared
@@ -239,19 +497,6 @@ impl Stage for Export {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let splits: serde_json::Map<String, Json> = files
-                .iter()
-                .map(|(name, bytes)| {
-                    (
-                        name.clone(),
-                        json!({
-                            "file": format!("{name}.jsonl"),
-                            "rows": rows.get(name).copied().unwrap_or(0),
-                            "blake3": blake3::hash(bytes).to_hex().as_str(),
-                        }),
-                    )
-                })
-                .collect();
             let manifest = json!({
                 "version": 1,
                 "pipeline": cx.shared.pipeline_name,
@@ -263,25 +508,17 @@ impl Stage for Export {
                 "usage": *cx.shared.usage.lock().unwrap_or_else(|e| e.into_inner()),
                 "documents": documents,
             });
+            if !write {
+                return Ok(input);
+            }
             let mut manifest_bytes = serde_json::to_vec_pretty(&manifest)
                 .map_err(|e| StageError::Message(e.to_string()))?;
             manifest_bytes.push(b'\n');
+            let mut manifest_file = Output::create(dir.join("manifest.json"), write)?;
+            manifest_file.push(&manifest_bytes)?;
+            finished.push(manifest_file.finish()?);
 
-            if cx.shared.mode == Mode::Plan {
-                return Ok(input);
-            }
-            let mut written = Vec::new();
-            for (name, bytes) in &files {
-                let path = dir.join(format!("{name}.jsonl"));
-                write_atomic(&path, bytes)?;
-                written.push((path, rows.get(name).copied().unwrap_or(0)));
-            }
-            let path = dir.join("rejects.jsonl");
-            write_atomic(&path, &rejects_file)?;
-            written.push((path, rejects.len()));
-            let path = dir.join("manifest.json");
-            write_atomic(&path, &manifest_bytes)?;
-            written.push((path, 0));
+            let written = commit(finished)?;
             cx.stats
                 .files
                 .lock()
@@ -290,5 +527,227 @@ impl Stage for Export {
             Ok(input)
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Lineage;
+
+    #[test]
+    fn a_bare_field_reads_as_its_expression_would() {
+        let templates = Templates::new(Vec::new());
+        let data = json!({
+            "question": "What is keg?",
+            "n": 42,
+            "x": 1.5,
+            "yes": true,
+            "nothing": null,
+            "list": [1, "two", {"three": 3}],
+            "map": {"b": 1, "a": [true]},
+            "blank": "  ",
+        });
+        let Json::Object(data) = data else {
+            unreachable!()
+        };
+        // What expressions saw before fields were read directly: the whole map, converted.
+        let full = minijinja::Value::from(minijinja::value::Serde(&data));
+        let mut record = Record::new(data.clone(), Lineage::document("a.md"));
+        for name in data.keys().map(String::as_str).chain(["missing", "range"]) {
+            let expr = templates.expression(name).unwrap();
+            if data.contains_key(name) {
+                assert_eq!(expr.field(), Some(name));
+            }
+            let direct = template_context(&mut record, &[], |data, context| {
+                text(&expr, data, context).map(Cow::into_owned)
+            });
+            let evaluated = expr.eval(&full).map_err(|e| e.message).and_then(|value| {
+                let text = display(value);
+                match text.trim().is_empty() {
+                    true => Err(format!("`{name}` is empty")),
+                    false => Ok(text),
+                }
+            });
+            assert_eq!(direct, evaluated, "{name}");
+        }
+        assert_eq!(record.data, data, "the record is given back whole");
+    }
+
+    #[test]
+    fn rows_are_the_json_they_were_built_as_before() {
+        let export = |format, prompt: &str, system: Option<&str>| Export {
+            config: ExportConfig {
+                dir: "out".into(),
+                format,
+                prompt: prompt.into(),
+                completion: "answer".into(),
+                system: system.map(str::to_owned),
+            },
+            templates: Templates::new(Vec::new()),
+            template_name: "p.yaml#dataset.system".into(),
+        };
+        let Json::Object(data) = json!({
+            "question": "Say \"hi\"\n\t<b>é</b> \u{1}",
+            "answer": 42,
+        }) else {
+            unreachable!()
+        };
+        let mut record = Record::new(data, Lineage::document("a.md"));
+        let cases = [
+            (
+                export(Format::PromptCompletion, "question", None),
+                json!({"prompt": "Say \"hi\"\n\t<b>é</b> \u{1}", "completion": "42"}),
+            ),
+            (
+                export(Format::PromptCompletion, "'Q: ' ~ question", None),
+                json!({"prompt": "Q: Say \"hi\"\n\t<b>é</b> \u{1}", "completion": "42"}),
+            ),
+            (
+                export(
+                    Format::Chat,
+                    "question",
+                    Some("  Be brief about {{ answer }}. "),
+                ),
+                json!({"messages": [
+                    {"role": "system", "content": "Be brief about 42."},
+                    {"role": "user", "content": "Say \"hi\"\n\t<b>é</b> \u{1}"},
+                    {"role": "assistant", "content": "42"},
+                ]}),
+            ),
+            (
+                export(Format::Chat, "question", Some(" ")),
+                json!({"messages": [
+                    {"role": "user", "content": "Say \"hi\"\n\t<b>é</b> \u{1}"},
+                    {"role": "assistant", "content": "42"},
+                ]}),
+            ),
+        ];
+        let mut line = b"left over".to_vec();
+        for (export, expected) in cases {
+            let compiled = export.compile().unwrap();
+            export.row(&compiled, &mut record, &mut line).unwrap();
+            let mut want = serde_json::to_vec(&expected).unwrap();
+            want.push(b'\n');
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                String::from_utf8_lossy(&want)
+            );
+        }
+        let empty = export(Format::PromptCompletion, "missing", None);
+        let compiled = empty.compile().unwrap();
+        assert_eq!(
+            empty.row(&compiled, &mut record, &mut line),
+            Err("`missing` is empty".to_owned())
+        );
+    }
+
+    #[test]
+    fn only_plain_names_are_read_directly() {
+        let templates = Templates::new(Vec::new());
+        for source in ["question", " answer ", "_x1"] {
+            assert!(
+                templates.expression(source).unwrap().field().is_some(),
+                "{source}"
+            );
+        }
+        for source in ["true", "none", "a.b", "a ~ b", "'q'", "x | upper", "1"] {
+            assert!(
+                templates.expression(source).unwrap().field().is_none(),
+                "{source}"
+            );
+        }
+    }
+
+    fn write_all(dir: &Path, files: &[(&str, &str)]) -> Result<Vec<(PathBuf, usize)>, StageError> {
+        let mut finished = Vec::new();
+        for (name, content) in files {
+            let mut output = Output::create(dir.join(name), true)?;
+            output.push(content.as_bytes())?;
+            output.rows = 1;
+            finished.push(output.finish()?);
+        }
+        commit(finished)
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn outputs_are_renamed_into_place_with_their_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut output = Output::create(dir.path().join("train.jsonl"), true).unwrap();
+        output.push(b"{\"a\":1}\n").unwrap();
+        output.push(b"{\"a\":2}\n").unwrap();
+        let finished = output.finish().unwrap();
+        assert_eq!(finished.digest, blake3::hash(b"{\"a\":1}\n{\"a\":2}\n"));
+        // Nothing is in place before the commit.
+        assert!(!dir.path().join("train.jsonl").exists());
+        commit(vec![finished]).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("train.jsonl")).unwrap(),
+            b"{\"a\":1}\n{\"a\":2}\n"
+        );
+        assert_eq!(listing(dir.path()), ["train.jsonl"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("train.jsonl"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
+    }
+
+    #[test]
+    fn a_failed_export_leaves_last_runs_files_and_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_all(
+            dir.path(),
+            &[("train.jsonl", "old train\n"), ("rejects.jsonl", "old\n")],
+        )
+        .unwrap();
+        // A folder where the manifest goes: the last file of the export cannot be renamed.
+        std::fs::create_dir(dir.path().join("manifest.json")).unwrap();
+        let err = write_all(
+            dir.path(),
+            &[
+                ("train.jsonl", "new train\n"),
+                ("rejects.jsonl", "new\n"),
+                ("manifest.json", "{}\n"),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("manifest.json"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap(),
+            "old train\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap(),
+            "old\n"
+        );
+        assert_eq!(
+            listing(dir.path()),
+            ["manifest.json", "rejects.jsonl", "train.jsonl"]
+        );
+    }
+
+    #[test]
+    fn a_plan_writes_nothing_but_still_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut output = Output::create(dir.path().join("train.jsonl"), false).unwrap();
+        output.push(b"row\n").unwrap();
+        let finished = output.finish().unwrap();
+        assert_eq!(finished.digest, blake3::hash(b"row\n"));
+        assert!(commit(vec![finished]).unwrap().is_empty());
+        assert!(listing(dir.path()).is_empty());
     }
 }

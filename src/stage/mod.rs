@@ -528,13 +528,89 @@ impl StageContext<'_> {
     }
 }
 
-/// Record fields plus `vars`, as templates and expressions see them.
-pub fn template_context(record: &Record, extra: &[(&str, Json)]) -> minijinja::Value {
-    let mut map = record.data.clone();
-    for (k, v) in extra {
-        map.insert((*k).to_owned(), v.clone());
+/// Record fields with `extra` values (`vars`, `items`) over them, as templates and
+/// expressions see them, passed to `f` with the record's map. A view, not a copy: the map is
+/// moved into the view for the call and back after it, and a field becomes a template value
+/// only when a template reads it.
+pub fn template_context<R>(
+    record: &mut Record,
+    extra: &[(&'static str, minijinja::Value)],
+    f: impl FnOnce(&serde_json::Map<String, Json>, &minijinja::Value) -> R,
+) -> R {
+    let view = Arc::new(TemplateContext {
+        data: std::mem::take(&mut record.data),
+        extra: extra.to_vec(),
+    });
+    let value = minijinja::Value::from_dyn_object(view.clone());
+    let result = f(&view.data, &value);
+    drop(value);
+    // A template that kept the context alive (none of ours can) costs a copy, not the record.
+    record.data = Arc::try_unwrap(view)
+        .map(|view| view.data)
+        .unwrap_or_else(|view| view.data.clone());
+    result
+}
+
+/// A record's field. Records have a handful of fields, and comparing a few short keys is
+/// cheaper than hashing the name with the map's SipHash.
+pub fn field<'m>(data: &'m serde_json::Map<String, Json>, name: &str) -> Option<&'m Json> {
+    if data.len() <= 8 {
+        data.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value)
+    } else {
+        data.get(name)
     }
-    minijinja::Value::from(minijinja::value::Serde(map))
+}
+
+/// Whether `records` are already in lineage order, as they arrive from the stages before,
+/// so the aggregate stages can skip sorting. Records of one document share the `Arc` of its
+/// path, so most comparisons never read the path.
+pub fn in_lineage_order(records: &[Record]) -> bool {
+    records.is_sorted_by(|a, b| {
+        let (a, b) = (&a.lineage, &b.lineage);
+        if Arc::ptr_eq(&a.source, &b.source) {
+            a.path <= b.path
+        } else {
+            a <= b
+        }
+    })
+}
+
+#[derive(Debug)]
+struct TemplateContext {
+    data: serde_json::Map<String, Json>,
+    extra: Vec<(&'static str, minijinja::Value)>,
+}
+
+impl minijinja::value::Object for TemplateContext {
+    fn get_value(self: &Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        let key = key.as_str()?;
+        match self.extra.iter().find(|(name, _)| *name == key) {
+            Some((_, value)) => Some(value.clone()),
+            None => self
+                .data
+                .get(key)
+                .map(|field| minijinja::Value::from(minijinja::value::Serde(field))),
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
+        // The order of a map with `extra` inserted: fields, then the new names.
+        let extra = self
+            .extra
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| !self.data.contains_key(*name));
+        let keys: Vec<minijinja::Value> = self
+            .data
+            .keys()
+            .map(String::as_str)
+            .chain(extra)
+            .map(minijinja::Value::from)
+            .collect();
+        minijinja::value::Enumerator::Iter(Box::new(keys.into_iter()))
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use serde_json::{Value as Json, json};
 use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats, template_context};
 use crate::config::Diagnostic;
 use crate::record::Record;
-use crate::template::{Templates, file_digest};
+use crate::template::{Expression, Template, Templates, file_digest};
 
 pub const KIND: Kind = Kind {
     name: "prompt",
@@ -48,8 +48,15 @@ pub struct PromptConfig {
 const DEFAULT_ITEMS: &str = "[1, ((text | length) + 50) // 100] | max";
 
 enum Message {
-    Inline(String),
-    File { name: String, digest: String },
+    /// `name` is what errors call it: `pipeline.yaml#stage.user`.
+    Inline {
+        name: String,
+        source: String,
+    },
+    File {
+        name: String,
+        digest: String,
+    },
 }
 
 pub struct Prompt {
@@ -57,8 +64,7 @@ pub struct Prompt {
     templates: Arc<Templates>,
     system: Option<Message>,
     user: Message,
-    vars: Json,
-    inline_prefix: String,
+    vars: minijinja::Value,
 }
 
 fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -76,13 +82,14 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
                 None
             }
             (Some(source), None) => {
-                if let Err(err) = cx
-                    .templates
-                    .check_inline(&format!("{prefix}.{role}"), source)
-                {
+                let name = format!("{prefix}.{role}");
+                if let Err(err) = cx.templates.check_inline(&name, source) {
                     errors.push(cx.error(role, err.message));
                 }
-                Some(Message::Inline(source.clone()))
+                Some(Message::Inline {
+                    name,
+                    source: source.clone(),
+                })
             }
             (None, Some(name)) => {
                 if let Err(err) = cx.templates.check(name) {
@@ -134,8 +141,9 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
             templates: cx.templates.clone(),
             system,
             user,
-            vars: serde_json::to_value(&cx.file.vars).unwrap_or_default(),
-            inline_prefix: prefix,
+            vars: minijinja::Value::from(minijinja::value::Serde(
+                serde_json::to_value(&cx.file.vars).unwrap_or_default(),
+            )),
             config,
         })),
         _ => Err(errors),
@@ -143,37 +151,27 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
 }
 
 impl Prompt {
-    fn render(
-        &self,
-        message: &Message,
-        role: &str,
-        context: &minijinja::Value,
-    ) -> Result<String, StageError> {
-        let text = match message {
-            Message::Inline(source) => self.templates.render_inline(
-                &format!("{}.{role}", self.inline_prefix),
-                source,
-                context,
-            )?,
-            Message::File { name, .. } => self.templates.render(name, context)?,
-        };
-        Ok(text.trim().to_owned())
+    fn compile<'a>(&'a self, message: &'a Message) -> Result<Template<'a>, StageError> {
+        Ok(match message {
+            Message::Inline { name, source } => self.templates.inline(name, source)?,
+            Message::File { name, .. } => self.templates.template(name)?,
+        })
     }
 
-    fn items(&self, record: &Record) -> Result<Option<u64>, StageError> {
-        let expr = match &self.config.items {
-            Some(expr) => expr.as_str(),
-            None if record.data.contains_key("text") => DEFAULT_ITEMS,
-            None => return Ok(None),
-        };
-        let value = self.templates.eval(
-            expr,
-            &template_context(record, &[("vars", self.vars.clone())]),
-        )?;
+    /// How many examples to ask `record` for; `None` when there is no `items` expression and
+    /// no `text` to size the default by.
+    fn items(&self, expr: &Expression, record: &mut Record) -> Result<Option<u64>, StageError> {
+        if self.config.items.is_none() && !record.data.contains_key("text") {
+            return Ok(None);
+        }
+        let value = template_context(record, &[("vars", self.vars.clone())], |_, context| {
+            expr.eval(context)
+        })?;
         match value.as_i64().and_then(|n| u64::try_from(n).ok()) {
             Some(n) => Ok(Some(n)),
             None => Err(StageError::Message(format!(
-                "`items` expression `{expr}` gave `{value}` for {}, expected a whole number",
+                "`items` expression `{}` gave `{value}` for {}, expected a whole number",
+                expr.source(),
                 record.lineage.display()
             ))),
         }
@@ -188,7 +186,7 @@ impl Stage for Prompt {
     fn settings(&self) -> Json {
         let digest = |m: &Option<&Message>| match m {
             Some(Message::File { name, digest }) => json!({ "template": name, "digest": digest }),
-            Some(Message::Inline(text)) => json!({ "inline": text }),
+            Some(Message::Inline { source, .. }) => json!({ "inline": source }),
             None => Json::Null,
         };
         json!({
@@ -204,28 +202,74 @@ impl Stage for Prompt {
         input: Vec<Record>,
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
+            let system = self.system.as_ref().map(|m| self.compile(m)).transpose()?;
+            let user = self.compile(&self.user)?;
+            let items = self
+                .templates
+                .expression(self.config.items.as_deref().unwrap_or(DEFAULT_ITEMS))?;
             let mut out = Vec::with_capacity(input.len());
             for mut record in input {
                 StageStats::add(&cx.stats.items, 1);
-                let items = self.items(&record)?;
+                let items = self.items(&items, &mut record)?;
                 let mut extra = vec![("vars", self.vars.clone())];
                 if let Some(n) = items {
-                    extra.push(("items", json!(n)));
+                    extra.push(("items", minijinja::Value::from(n)));
                     record.data.insert("items".into(), json!(n));
                 }
-                let context = template_context(&record, &extra);
-                let mut messages = Vec::new();
-                if let Some(system) = &self.system {
-                    let content = self.render(system, "system", &context)?;
-                    messages.push(json!({ "role": "system", "content": content }));
-                }
-                let content = self.render(&self.user, "user", &context)?;
-                messages.push(json!({ "role": "user", "content": content }));
+                let messages = template_context(&mut record, &extra, |_, context| {
+                    let mut messages = Vec::new();
+                    if let Some(system) = &system {
+                        let content = system.render(context)?;
+                        messages.push(json!({ "role": "system", "content": content.trim() }));
+                    }
+                    let content = user.render(context)?;
+                    messages.push(json!({ "role": "user", "content": content.trim() }));
+                    Ok::<_, StageError>(messages)
+                })?;
                 record.data.insert("messages".into(), Json::Array(messages));
                 out.push(record);
             }
             Ok(out)
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Lineage;
+
+    #[test]
+    fn templates_see_fields_with_extra_values_over_them_and_the_record_comes_back() {
+        let templates = Templates::new(Vec::new());
+        let Json::Object(data) = json!({ "text": "abc", "items": 1, "n": [1, 2] }) else {
+            unreachable!()
+        };
+        let mut record = Record::new(data.clone(), Lineage::document("a.md"));
+        let extra = [
+            ("items", minijinja::Value::from(7)),
+            (
+                "vars",
+                minijinja::Value::from(minijinja::value::Serde(json!({"k": "v"}))),
+            ),
+        ];
+        let source = "{{ text }} {{ items }} {{ n | length }} {{ vars.k }}";
+        let template = templates.inline("t", source).unwrap();
+        let out = template_context(&mut record, &extra, |_, context| template.render(context));
+        assert_eq!(out.unwrap().trim(), "abc 7 2 v");
+        let err = template_context(&mut record, &extra, |_, context| {
+            templates
+                .inline("u", "line\n{{ txt }}")
+                .unwrap()
+                .render(context)
+        })
+        .unwrap_err();
+        assert!(
+            err.message.starts_with("u:2: undefined value"),
+            "{}",
+            err.message
+        );
+        assert_eq!(record.data, data);
     }
 }

@@ -101,14 +101,20 @@ fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
 }
 
 impl Split {
-    fn group_key(&self, record: &Record) -> String {
+    /// Write the record's group key into `key` (cleared first).
+    fn group_key(&self, record: &Record, key: &mut String) {
+        use std::fmt::Write;
+        key.clear();
         match self.config.group_by {
-            GroupBy::Doc => record.lineage.source.to_string(),
-            GroupBy::Chunk => match record.lineage.path.first() {
-                Some(chunk) => format!("{}#{chunk}", record.lineage.source),
-                None => record.lineage.source.to_string(),
-            },
-            GroupBy::Example => record.id().to_hex().to_string(),
+            GroupBy::Doc => key.push_str(&record.lineage.source),
+            GroupBy::Chunk => {
+                key.push_str(&record.lineage.source);
+                if let Some(chunk) = record.lineage.path.first() {
+                    // Writing to a `String` cannot fail.
+                    let _ = write!(key, "#{chunk}");
+                }
+            }
+            GroupBy::Example => key.push_str(record.id().to_hex().as_str()),
         }
     }
 
@@ -146,9 +152,20 @@ impl Stage for Split {
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
             StageStats::add(&cx.stats.items, input.len() as u64);
+            // Records of a group arrive together (lineage order): hash each group once.
+            let mut key = String::new();
+            let mut last: Option<(String, Arc<str>)> = None;
             for record in &mut input {
-                let key = self.group_key(record);
-                record.split = Some(self.assign(&key));
+                self.group_key(record, &mut key);
+                let split = match &mut last {
+                    Some((last_key, split)) if *last_key == key => split.clone(),
+                    _ => {
+                        let split = self.assign(&key);
+                        last = Some((key.clone(), split.clone()));
+                        split
+                    }
+                };
+                record.split = Some(split);
             }
             Ok(input)
         }

@@ -59,8 +59,14 @@ impl Stage for Validate {
         async move {
             StageStats::add(&cx.stats.items, input.len() as u64);
             let mut out = Vec::with_capacity(input.len());
-            for record in input {
-                match self.schema.check(&Json::Object(record.data.clone())) {
+            for mut record in input {
+                // The schema checks a `Value`: lend it the record's map rather than copy it.
+                let data = Json::Object(std::mem::take(&mut record.data));
+                let checked = self.schema.check(&data);
+                if let Json::Object(map) = data {
+                    record.data = map;
+                }
+                match checked {
                     Ok(()) => out.push(record),
                     Err(err) => {
                         let reply = serde_json::to_string(&record.data).ok();

@@ -289,8 +289,8 @@ impl Provider {
         })
     }
 
-    pub fn endpoint(&self) -> String {
-        self.endpoint.clone()
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// The request body for these messages; `schema` is the JSON Schema the reply must match.

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::record::write_canonical_into;
+use crate::record::CanonicalWriter;
 
 /// The bucket LLM calls are stored in; its suffix follows [`CALL_KEY_VERSION`].
 pub const CALLS_BUCKET: &str = "calls-v1";
@@ -26,27 +26,35 @@ pub struct CallKey<'a> {
 
 impl CallKey<'_> {
     /// blake3 of the canonical JSON of this struct, written field by field (in sorted key
-    /// order) so the request body is hashed in place rather than copied first.
+    /// order) so the request body is hashed in place rather than copied first, and streamed
+    /// into the hasher through one buffer: no string is made per key or value.
     pub fn digest(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"{\"body\":");
-        write_canonical_into(self.body, &mut hasher);
-        hasher.update(b",\"endpoint\":");
-        hasher.update(
-            serde_json::Value::from(self.endpoint)
-                .to_string()
-                .as_bytes(),
-        );
-        hasher.update(b",\"key_version\":");
-        hasher.update(self.key_version.to_string().as_bytes());
-        hasher.update(b",\"provider\":");
-        hasher.update(
-            serde_json::Value::from(self.provider)
-                .to_string()
-                .as_bytes(),
-        );
-        hasher.update(b"}");
+        let mut out = CanonicalWriter::new(&mut hasher);
+        out.raw(b"{\"body\":");
+        out.value(self.body);
+        out.raw(b",\"endpoint\":");
+        out.str(self.endpoint);
+        out.raw(b",\"key_version\":");
+        out.raw(itoa(self.key_version, &mut [0; 10]));
+        out.raw(b",\"provider\":");
+        out.str(self.provider);
+        out.raw(b"}");
+        out.finish();
         hasher.finalize()
+    }
+}
+
+/// The decimal digits of `n`, written into `buffer`.
+fn itoa(mut n: u32, buffer: &mut [u8; 10]) -> &[u8] {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buffer[start..];
+        }
     }
 }
 

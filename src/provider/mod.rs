@@ -306,8 +306,11 @@ impl Provider {
     /// Send one request, retrying transient failures with exponential backoff and jitter.
     /// Returns the reply and the number of retries it took.
     pub async fn send(&self, body: &Json) -> Result<(Reply, u32), CallError> {
-        let sent = self.wire_body(body);
-        let tokens = estimated_tokens(body);
+        // Serialised once, here: every attempt sends the same bytes, and the body `Value` is
+        // never copied to be sent.
+        let sent =
+            bytes::Bytes::from(serde_json::to_vec(&*self.wire_body(body)).unwrap_or_default());
+        let tokens = estimated_tokens(body, sent.len());
         let base = Duration::from_millis(self.config.retry_delay_ms);
         let mut attempt = 0;
         loop {
@@ -363,8 +366,12 @@ impl Provider {
         }
     }
 
-    async fn send_once(&self, body: &Json) -> Attempt {
-        let request = self.client.post(&self.endpoint).json(body);
+    async fn send_once(&self, body: &bytes::Bytes) -> Attempt {
+        let request = self
+            .client
+            .post(&self.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         let request = (self.config.kind.wire().authorize)(request, self.api_key.as_deref());
         let response = match request.send().await {
             Ok(r) => r,
@@ -372,10 +379,11 @@ impl Provider {
         };
         let status = response.status().as_u16();
         let wait = retry::asked_wait(response.headers(), std::time::SystemTime::now());
-        let text = match response.text().await {
-            Ok(t) => t,
+        let bytes = match response.bytes().await {
+            Ok(b) => b,
             Err(err) => return self.transport_failure(&err),
         };
+        let text = String::from_utf8_lossy(&bytes);
         if (200..300).contains(&status) {
             return match (self.config.kind.wire().parse_reply)(&text) {
                 Ok(reply) => Attempt::Done(reply),
@@ -486,10 +494,11 @@ fn header_map(
     }
 }
 
-/// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 plus the reply's
-/// budget (servers count the budget against the limit before the reply exists).
-fn estimated_tokens(body: &Json) -> u32 {
-    let prompt = serde_json::to_string(body).map_or(0, |s| s.len() / 4);
+/// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 (`chars`: the
+/// length of the body as sent) plus the reply's budget (servers count the budget against the
+/// limit before the reply exists).
+fn estimated_tokens(body: &Json, chars: usize) -> u32 {
+    let prompt = chars / 4;
     let budget = body
         .get("max_tokens")
         .or_else(|| body.pointer("/options/num_predict"))
@@ -630,10 +639,10 @@ mod tests {
     #[test]
     fn token_estimate_counts_prompt_and_budget() {
         let body = json!({"messages": "x".repeat(400), "max_tokens": 100});
-        let chars = serde_json::to_string(&body).unwrap().len() as u32;
-        assert_eq!(estimated_tokens(&body), chars / 4 + 100);
+        let chars = serde_json::to_string(&body).unwrap().len();
+        assert_eq!(estimated_tokens(&body, chars), chars as u32 / 4 + 100);
         let body = json!({"options": {"num_predict": 50}});
-        assert_eq!(estimated_tokens(&body), 7 + 50);
+        assert_eq!(estimated_tokens(&body, 29), 7 + 50);
     }
 
     #[test]

@@ -248,66 +248,70 @@ fn write_entries<'v>(entries: impl Iterator<Item = (&'v str, &'v Value)>, out: &
 }
 
 /// A JSON string exactly as `serde_json` escapes it: `"`, `\` and control characters only,
-/// the short forms where JSON has them, else `\u00xx` in lower case. Runs that need no
-/// escape are found eight bytes at a time and copied whole.
+/// the short forms where JSON has them, else `\u00xx` in lower case. The next byte to escape
+/// is found eight bytes at a time, and the runs between are copied whole.
 fn write_str(text: &str, out: &mut impl Sink) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    /// Whether some byte of `word` is a control character, `"` or `\`.
-    fn needs_escape(word: u64) -> bool {
-        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-        let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
-        below_space
-            | zero_byte(word ^ (ONES * u64::from(b'"')))
-            | zero_byte(word ^ (ONES * u64::from(b'\\')))
-            != 0
-    }
     let bytes = text.as_bytes();
     out.put(b"\"");
     let (mut start, mut i) = (0, 0);
-    while i < bytes.len() {
-        if let Some(word) = bytes
+    loop {
+        while let Some(word) = bytes
             .get(i..i + 8)
             .and_then(|w| <[u8; 8]>::try_from(w).ok())
-            && !needs_escape(u64::from_le_bytes(word))
         {
-            i += 8;
-            continue;
-        }
-        let byte = bytes[i];
-        let short: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => {
-                i += 1;
-                continue;
+            let mask = escape_mask(u64::from_le_bytes(word));
+            if mask != 0 {
+                // The lowest flagged byte is always a true match (borrows only run upwards).
+                i += (mask.trailing_zeros() / 8) as usize;
+                break;
             }
-        };
+            i += 8;
+        }
+        while i < bytes.len() && !must_escape(bytes[i]) {
+            i += 1;
+        }
+        let Some(&byte) = bytes.get(i) else { break };
         out.put(&bytes[start..i]);
-        if short.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.put(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0xf)],
-            ]);
-        } else {
-            out.put(short);
+        match byte {
+            b'"' => out.put(b"\\\""),
+            b'\\' => out.put(b"\\\\"),
+            b'\n' => out.put(b"\\n"),
+            b'\r' => out.put(b"\\r"),
+            b'\t' => out.put(b"\\t"),
+            0x08 => out.put(b"\\b"),
+            0x0c => out.put(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.put(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(byte >> 4)],
+                    HEX[usize::from(byte & 0xf)],
+                ]);
+            }
         }
         i += 1;
         start = i;
     }
     out.put(&bytes[start..]);
     out.put(b"\"");
+}
+
+fn must_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// A high bit in each byte of `word` (little-endian) that is a control character, `"` or
+/// `\` — exact up to the first such byte; bits above it may be false alarms.
+fn escape_mask(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v & HIGHS;
+    below(word, 0x20)
+        | below(word ^ (ONES * u64::from(b'"')), 1)
+        | below(word ^ (ONES * u64::from(b'\\')), 1)
 }
 
 /// Records in lineage order.

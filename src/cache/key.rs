@@ -115,3 +115,57 @@ mod tests {
         assert_ne!(key(&a), key(&c));
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    #[ignore = "a measurement: cargo test --release --lib -- --ignored digest_speed --nocapture"]
+    fn digest_speed() {
+        let schema: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/schemas/qa-pairs.schema.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let body = json!({"model": "bench", "messages": [
+            {"role": "system", "content": "You write question-answer pairs for fine-tuning a language model on documentation."},
+            {"role": "user", "content": "Document: x — y\n\nPassage:\n\"\"\"\n".to_owned() + &"Some words of prose, `code` and [links](http://x).\n".repeat(20) + "\"\"\"\n\nWrite 2 pairs"}],
+            "temperature": 0.7, "seed": 1, "max_tokens": 304,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "output", "strict": true, "schema": schema}}});
+        let key = CallKey {
+            key_version: 1,
+            provider: "openai",
+            endpoint: "http://127.0.0.1:1/v1/chat/completions",
+            body: &body,
+        };
+        let bytes = crate::record::canonical_json(&serde_json::to_value(&key).unwrap());
+        let n = 20_000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(key.digest());
+        }
+        let digest = t.elapsed();
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(blake3::hash(std::hint::black_box(&bytes)));
+        }
+        let hash = t.elapsed();
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(crate::record::canonical_json(std::hint::black_box(&body)));
+        }
+        let ser = t.elapsed();
+        eprintln!(
+            "{} bytes: digest {:?}, blake3 {:?}, canonical_json {:?} per key",
+            bytes.len(),
+            digest / n,
+            hash / n,
+            ser / n
+        );
+    }
+}

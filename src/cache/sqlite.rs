@@ -116,6 +116,10 @@ impl DiskStore {
 
     /// Entry count and bytes per bucket, sorted by bucket.
     pub fn stats(root: &Path) -> io::Result<Vec<(String, u64, u64)>> {
+        if root.is_dir() && !layout_1_buckets(root)?.is_empty() {
+            // Entries of layout 1 count once they are in the database.
+            drop(DiskStore::open(root)?);
+        }
         let Some(conn) = existing(root)? else {
             return Ok(Vec::new());
         };
@@ -477,6 +481,10 @@ mod tests {
         std::fs::create_dir_all(&folder).unwrap();
         std::fs::write(folder.join(hex.as_str()), b"old reply").unwrap();
         std::fs::write(folder.join(".tmpXYZ"), b"torn").unwrap();
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("calls-v1".to_owned(), 1, 9)]
+        );
         let store = DiskStore::open(dir.path()).unwrap();
         assert_eq!(
             store.get("calls-v1", &key).unwrap().as_deref(),

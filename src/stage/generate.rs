@@ -11,6 +11,7 @@
 //! other, so a re-run replays the same chain without calls. What still fails is rejected
 //! with its reason.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -118,9 +119,10 @@ fn build(cx: &BuildContext) -> super::Built {
     }
 }
 
-/// One request: the messages and budget it was built from, its body, and its cache key.
-struct Request {
-    messages: Json,
+/// One request: the messages (the record's own, until a re-ask adds to them) and budget it
+/// was built from, its body, and its cache key.
+struct Request<'r> {
+    messages: Cow<'r, Json>,
     max_tokens: Option<u32>,
     body: Json,
     key: blake3::Hash,
@@ -198,7 +200,7 @@ fn usage_of(reply: &Reply) -> Reply {
 }
 
 impl Generate {
-    fn request(&self, messages: Json, max_tokens: Option<u32>) -> Request {
+    fn request<'r>(&self, messages: Cow<'r, Json>, max_tokens: Option<u32>) -> Request<'r> {
         let body = self.provider.body(
             &messages,
             self.schema.as_ref().map(|s| &s.schema),
@@ -219,9 +221,9 @@ impl Generate {
         }
     }
 
-    fn first_request(&self, record: &Record) -> Result<Request, StageError> {
+    fn first_request<'r>(&self, record: &'r Record) -> Result<Request<'r>, StageError> {
         let messages = match record.data.get("messages") {
-            Some(m @ Json::Array(_)) => m.clone(),
+            Some(m @ Json::Array(_)) => Cow::Borrowed(m),
             _ => {
                 return Err(StageError::Message(format!(
                     "record {} has no `messages`; put a `prompt` stage before it",
@@ -242,7 +244,11 @@ impl Generate {
     }
 
     /// The reply to a request: from the cache, or sent (and cached the moment it returns).
-    async fn fetch(&self, calls: &Calls, request: &Request) -> Result<Option<Reply>, Resolution> {
+    async fn fetch(
+        &self,
+        calls: &Calls,
+        request: &Request<'_>,
+    ) -> Result<Option<Reply>, Resolution> {
         if calls.read_cache {
             let cached = calls
                 .store
@@ -334,7 +340,7 @@ impl Generate {
             if problem.reask && !truncated && reasks < self.config.reasks {
                 reasks += 1;
                 StageStats::add(&calls.stats.reasks, 1);
-                let mut messages = match request.messages {
+                let mut messages = match request.messages.into_owned() {
                     Json::Array(messages) => messages,
                     _ => Vec::new(),
                 };
@@ -346,7 +352,7 @@ impl Generate {
                         problem.reason
                     ),
                 }));
-                request = self.request(Json::Array(messages), request.max_tokens);
+                request = self.request(Cow::Owned(Json::Array(messages)), request.max_tokens);
                 continue;
             }
             return Resolution::Rejected {

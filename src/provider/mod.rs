@@ -308,8 +308,7 @@ impl Provider {
     pub async fn send(&self, body: &Json) -> Result<(Reply, u32), CallError> {
         // Serialised once, here: every attempt sends the same bytes, and the body `Value` is
         // never copied to be sent.
-        let sent =
-            bytes::Bytes::from(serde_json::to_vec(&*self.wire_body(body)).unwrap_or_default());
+        let sent = bytes::Bytes::from(crate::record::compact_json(&self.wire_body(body)));
         let tokens = estimated_tokens(body, sent.len());
         let base = Duration::from_millis(self.config.retry_delay_ms);
         let mut attempt = 0;

@@ -190,6 +190,9 @@ pub struct Provider {
     client: reqwest::Client,
     api_key: Option<String>,
     endpoint: String,
+    /// The endpoint parsed once, not per request; `None` when it does not parse (each request
+    /// then fails with the URL error, as before).
+    url: Option<reqwest::Url>,
     transport_fields: serde_json::Map<String, Json>,
     /// Calls in progress (sending, or waiting to retry), at most `concurrency`; shared by
     /// every stage that uses this provider.
@@ -275,6 +278,7 @@ impl Provider {
             .map_err(|e| format!("provider `{name}`: cannot build an HTTP client: {e}"))?;
         Ok(Provider {
             name: name.to_owned(),
+            url: reqwest::Url::parse(&(wire.endpoint)(&config.base_url)).ok(),
             endpoint: (wire.endpoint)(&config.base_url),
             transport_fields: (wire.transport_fields)(&config),
             limit: Arc::new(Semaphore::new(concurrency)),
@@ -366,9 +370,11 @@ impl Provider {
     }
 
     async fn send_once(&self, body: &bytes::Bytes) -> Attempt {
-        let request = self
-            .client
-            .post(&self.endpoint)
+        let request = match &self.url {
+            Some(url) => self.client.post(url.clone()),
+            None => self.client.post(&self.endpoint),
+        };
+        let request = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.clone());
         let request = (self.config.kind.wire().authorize)(request, self.api_key.as_deref());

@@ -1,9 +1,14 @@
 //! `generate`: send each record's `messages` to an LLM, asking for JSON that matches the
 //! stage's schema, and turn each item of the reply into a record.
 //!
-//! Every call is cached under a key of the provider identity and the exact request, the
-//! moment it returns, so a killed run loses no finished call. The reply is cached, not its
-//! interpretation: a re-run reproduces the same records and the same rejects without calls.
+//! Every call is cached under a key of the provider identity and the exact request the
+//! moment it returns (the store commits within milliseconds, and the stage waits for it
+//! before it ends, Ctrl-C and errors included), so a killed run loses at most the calls of
+//! its last few milliseconds. The reply is cached, not its interpretation: a re-run
+//! reproduces the same records and the same rejects without calls.
+//!
+//! Each record's calls run as a task of their own on the runtime's worker threads; results
+//! are kept by record index, so the output order does not depend on which reply came first.
 //!
 //! A reply that is not usable gets, in order: safe repairs ([`crate::repair`]); when it was
 //! cut off at the token limit, one more try with twice the budget; when it is invalid, a

@@ -63,7 +63,9 @@ impl Record {
     /// The content id: blake3 of the canonical JSON of the data.
     pub fn id(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
-        write_canonical_map(&self.data, &mut HashWriter(&mut hasher));
+        let mut sink = HashSink::new(&mut hasher);
+        write_canonical_map(&self.data, &mut sink);
+        sink.finish();
         hasher.finalize()
     }
 
@@ -80,15 +82,54 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
     out
 }
 
+/// The bytes `serde_json::to_vec` makes (keys in their order, no whitespace), written by
+/// the same fast string writer as canonical JSON: for request bodies, made once per call.
+pub fn compact_json(value: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    write_value::<false>(value, &mut out);
+    out
+}
+
 pub fn canonical_hash(value: &Value) -> blake3::Hash {
     let mut hasher = blake3::Hasher::new();
-    write_canonical(value, &mut HashWriter(&mut hasher));
+    write_canonical_into(value, &mut hasher);
     hasher.finalize()
 }
 
 /// Canonical JSON of `value`, fed straight into a hasher.
 pub fn write_canonical_into(value: &Value, hasher: &mut blake3::Hasher) {
-    write_canonical(value, &mut HashWriter(hasher));
+    let mut sink = HashSink::new(hasher);
+    write_canonical(value, &mut sink);
+    sink.finish();
+}
+
+/// Canonical JSON written piece by piece into a hasher through one buffer, for keys that
+/// are structs of their own (see `cache::key`).
+pub struct CanonicalWriter<'a>(HashSink<'a>);
+
+impl<'a> CanonicalWriter<'a> {
+    pub fn new(hasher: &'a mut blake3::Hasher) -> Self {
+        CanonicalWriter(HashSink::new(hasher))
+    }
+
+    /// Bytes as they are: punctuation and field names the caller has written canonically.
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.0.put(bytes);
+    }
+
+    /// A JSON string, escaped as `serde_json` escapes it.
+    pub fn str(&mut self, text: &str) {
+        write_str(text, &mut self.0);
+    }
+
+    pub fn value(&mut self, value: &Value) {
+        write_canonical(value, &mut self.0);
+    }
+
+    /// Hand what is buffered to the hasher.
+    pub fn finish(self) {
+        self.0.finish();
+    }
 }
 
 trait Sink {
@@ -101,44 +142,193 @@ impl Sink for Vec<u8> {
     }
 }
 
-struct HashWriter<'a>(&'a mut blake3::Hasher);
+/// Bytes for a hasher, gathered into large updates: blake3 hashes several 1 KiB chunks at
+/// once (SIMD) only when one update holds them, and each small update has a cost of its own.
+/// The buffer is kept per thread between uses.
+struct HashSink<'a> {
+    hasher: &'a mut blake3::Hasher,
+    buffer: Vec<u8>,
+}
 
-impl Sink for HashWriter<'_> {
+const HASH_BUFFER: usize = 16 * 1024;
+
+thread_local! {
+    static BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl<'a> HashSink<'a> {
+    fn new(hasher: &'a mut blake3::Hasher) -> Self {
+        let mut buffer = BUFFER.take();
+        buffer.clear();
+        buffer.reserve(HASH_BUFFER);
+        HashSink { hasher, buffer }
+    }
+
+    fn finish(mut self) {
+        self.hasher.update(&self.buffer);
+        BUFFER.set(std::mem::take(&mut self.buffer));
+    }
+}
+
+impl Sink for HashSink<'_> {
     fn put(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        if self.buffer.len() + bytes.len() > HASH_BUFFER {
+            self.hasher.update(&self.buffer);
+            self.buffer.clear();
+            if bytes.len() >= HASH_BUFFER {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buffer.extend_from_slice(bytes);
+    }
+}
+
+/// Lets `serde_json` write a number into a sink.
+struct SinkWriter<'s, S>(&'s mut S);
+
+impl<S: Sink> std::io::Write for SinkWriter<'_, S> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.put(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
 fn write_canonical(value: &Value, out: &mut impl Sink) {
+    write_value::<true>(value, out);
+}
+
+/// JSON without whitespace; object keys sorted when `SORTED`, else in their order.
+fn write_value<const SORTED: bool>(value: &Value, out: &mut impl Sink) {
     match value {
-        Value::Object(map) => write_canonical_map(map, out),
+        Value::Object(map) if SORTED => write_canonical_map(map, out),
+        Value::Object(map) => write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out),
         Value::Array(items) => {
             out.put(b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.put(b",");
                 }
-                write_canonical(item, out);
+                write_value::<SORTED>(item, out);
             }
             out.put(b"]");
         }
-        scalar => out.put(scalar.to_string().as_bytes()),
+        Value::String(text) => write_str(text, out),
+        Value::Null => out.put(b"null"),
+        Value::Bool(true) => out.put(b"true"),
+        Value::Bool(false) => out.put(b"false"),
+        // `serde_json` writes numbers as its `Display` does (itoa, ryu): no string made.
+        Value::Number(n) => {
+            let _ = serde_json::to_writer(SinkWriter(out), n);
+        }
     }
 }
 
+/// Maps this small sort their keys on the stack.
+const SMALL_MAP: usize = 16;
+static NULL: Value = Value::Null;
+
 fn write_canonical_map(map: &Map<String, Value>, out: &mut impl Sink) {
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort_unstable();
+    if map.len() <= SMALL_MAP {
+        let mut entries = [("", &NULL); SMALL_MAP];
+        for (slot, (key, value)) in entries.iter_mut().zip(map) {
+            *slot = (key.as_str(), value);
+        }
+        let entries = &mut entries[..map.len()];
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        write_entries::<true>(entries.iter().copied(), out);
+    } else {
+        let mut entries: Vec<(&str, &Value)> = map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        write_entries::<true>(entries.into_iter(), out);
+    }
+}
+
+fn write_entries<'v, const SORTED: bool>(
+    entries: impl Iterator<Item = (&'v str, &'v Value)>,
+    out: &mut impl Sink,
+) {
     out.put(b"{");
-    for (i, key) in keys.into_iter().enumerate() {
+    for (i, (key, value)) in entries.enumerate() {
         if i > 0 {
             out.put(b",");
         }
-        out.put(Value::String(key.clone()).to_string().as_bytes());
+        write_str(key, out);
         out.put(b":");
-        write_canonical(&map[key], out);
+        write_value::<SORTED>(value, out);
     }
     out.put(b"}");
+}
+
+/// A JSON string exactly as `serde_json` escapes it: `"`, `\` and control characters only,
+/// the short forms where JSON has them, else `\u00xx` in lower case. The next byte to escape
+/// is found eight bytes at a time, and the runs between are copied whole.
+fn write_str(text: &str, out: &mut impl Sink) {
+    let bytes = text.as_bytes();
+    out.put(b"\"");
+    let (mut start, mut i) = (0, 0);
+    loop {
+        while let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        {
+            let mask = escape_mask(u64::from_le_bytes(word));
+            if mask != 0 {
+                // The lowest flagged byte is always a true match (borrows only run upwards).
+                i += (mask.trailing_zeros() / 8) as usize;
+                break;
+            }
+            i += 8;
+        }
+        while i < bytes.len() && !must_escape(bytes[i]) {
+            i += 1;
+        }
+        let Some(&byte) = bytes.get(i) else { break };
+        out.put(&bytes[start..i]);
+        match byte {
+            b'"' => out.put(b"\\\""),
+            b'\\' => out.put(b"\\\\"),
+            b'\n' => out.put(b"\\n"),
+            b'\r' => out.put(b"\\r"),
+            b'\t' => out.put(b"\\t"),
+            0x08 => out.put(b"\\b"),
+            0x0c => out.put(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.put(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(byte >> 4)],
+                    HEX[usize::from(byte & 0xf)],
+                ]);
+            }
+        }
+        i += 1;
+        start = i;
+    }
+    out.put(&bytes[start..]);
+    out.put(b"\"");
+}
+
+fn must_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// A high bit in each byte of `word` (little-endian) that is a control character, `"` or
+/// `\` — exact up to the first such byte; bits above it may be false alarms.
+fn escape_mask(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v & HIGHS;
+    below(word, 0x20)
+        | below(word ^ (ONES * u64::from(b'"')), 1)
+        | below(word ^ (ONES * u64::from(b'\\')), 1)
 }
 
 /// Records in lineage order.
@@ -157,6 +347,73 @@ mod tests {
         assert_eq!(
             String::from_utf8(canonical_json(&v)).unwrap(),
             r#"{"a":{"c":"x\"y","d":[true,null]},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_escapes_them() {
+        let mut samples: Vec<String> = (0u8..0x80)
+            .map(|b| format!("{}abcdefghij{}", b as char, b as char))
+            .collect();
+        samples.extend(
+            [
+                "",
+                "a",
+                "plain text well over eight bytes long",
+                "é ünï 日本語 \u{1F600} \u{7f}\u{80}",
+                "\"quoted\" \\ back\nslash\t\r\u{8}\u{c}\u{1}\u{1f} end",
+                "12345678\"2345678\\",
+            ]
+            .map(str::to_owned),
+        );
+        for text in samples {
+            let mut out = Vec::new();
+            write_str(&text, &mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&text).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn compact_json_is_what_serde_json_writes() {
+        let v = json!({
+            "z": "x\"y\n".repeat(100),
+            "a": [1, -2, 0.5, 1e300, null, true, false, {"d": {}, "c": []}],
+            "é": "日本語\u{1}",
+        });
+        assert_eq!(compact_json(&v), serde_json::to_vec(&v).unwrap());
+    }
+
+    #[test]
+    fn canonical_hash_is_blake3_of_the_canonical_json_at_any_size() {
+        let keys: Map<String, Value> = (0..40)
+            .rev()
+            .map(|i| {
+                (
+                    format!("k{i}"),
+                    json!([i, -i, f64::from(i) / 3.0, null, true]),
+                )
+            })
+            .collect();
+        let v = json!({
+            "z": "x".repeat(40_000),
+            "keys": keys,
+            "a": ["line\none ".repeat(3_000), {"b": false, "a": 1e300}],
+        });
+        let bytes = canonical_json(&v);
+        assert!(bytes.starts_with(br#"{"a":["line\none line"#));
+        assert!(
+            String::from_utf8_lossy(&bytes).contains(r#""keys":{"k0":[0,0,0.0,null,true],"k1":"#)
+        );
+        assert_eq!(canonical_hash(&v), blake3::hash(&bytes));
+        // The same bytes as the string-per-token writer made before.
+        assert_eq!(
+            String::from_utf8_lossy(&canonical_json(
+                &json!({"n": [1.5, -2, 18446744073709551615u64]})
+            )),
+            r#"{"n":[1.5,-2,18446744073709551615]}"#
         );
     }
 

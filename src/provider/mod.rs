@@ -190,6 +190,9 @@ pub struct Provider {
     client: reqwest::Client,
     api_key: Option<String>,
     endpoint: String,
+    /// The endpoint parsed once, not per request; `None` when it does not parse (each request
+    /// then fails with the URL error, as before).
+    url: Option<reqwest::Url>,
     transport_fields: serde_json::Map<String, Json>,
     /// Calls in progress (sending, or waiting to retry), at most `concurrency`; shared by
     /// every stage that uses this provider.
@@ -275,6 +278,7 @@ impl Provider {
             .map_err(|e| format!("provider `{name}`: cannot build an HTTP client: {e}"))?;
         Ok(Provider {
             name: name.to_owned(),
+            url: reqwest::Url::parse(&(wire.endpoint)(&config.base_url)).ok(),
             endpoint: (wire.endpoint)(&config.base_url),
             transport_fields: (wire.transport_fields)(&config),
             limit: Arc::new(Semaphore::new(concurrency)),
@@ -289,8 +293,8 @@ impl Provider {
         })
     }
 
-    pub fn endpoint(&self) -> String {
-        self.endpoint.clone()
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// The request body for these messages; `schema` is the JSON Schema the reply must match.
@@ -306,8 +310,10 @@ impl Provider {
     /// Send one request, retrying transient failures with exponential backoff and jitter.
     /// Returns the reply and the number of retries it took.
     pub async fn send(&self, body: &Json) -> Result<(Reply, u32), CallError> {
-        let sent = self.wire_body(body);
-        let tokens = estimated_tokens(body);
+        // Serialised once, here: every attempt sends the same bytes, and the body `Value` is
+        // never copied to be sent.
+        let sent = bytes::Bytes::from(crate::record::compact_json(&self.wire_body(body)));
+        let tokens = estimated_tokens(body, sent.len());
         let base = Duration::from_millis(self.config.retry_delay_ms);
         let mut attempt = 0;
         loop {
@@ -363,8 +369,14 @@ impl Provider {
         }
     }
 
-    async fn send_once(&self, body: &Json) -> Attempt {
-        let request = self.client.post(&self.endpoint).json(body);
+    async fn send_once(&self, body: &bytes::Bytes) -> Attempt {
+        let request = match &self.url {
+            Some(url) => self.client.post(url.clone()),
+            None => self.client.post(&self.endpoint),
+        };
+        let request = request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         let request = (self.config.kind.wire().authorize)(request, self.api_key.as_deref());
         let response = match request.send().await {
             Ok(r) => r,
@@ -372,10 +384,11 @@ impl Provider {
         };
         let status = response.status().as_u16();
         let wait = retry::asked_wait(response.headers(), std::time::SystemTime::now());
-        let text = match response.text().await {
-            Ok(t) => t,
+        let bytes = match response.bytes().await {
+            Ok(b) => b,
             Err(err) => return self.transport_failure(&err),
         };
+        let text = String::from_utf8_lossy(&bytes);
         if (200..300).contains(&status) {
             return match (self.config.kind.wire().parse_reply)(&text) {
                 Ok(reply) => Attempt::Done(reply),
@@ -486,10 +499,11 @@ fn header_map(
     }
 }
 
-/// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 plus the reply's
-/// budget (servers count the budget against the limit before the reply exists).
-fn estimated_tokens(body: &Json) -> u32 {
-    let prompt = serde_json::to_string(body).map_or(0, |s| s.len() / 4);
+/// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 (`chars`: the
+/// length of the body as sent) plus the reply's budget (servers count the budget against the
+/// limit before the reply exists).
+fn estimated_tokens(body: &Json, chars: usize) -> u32 {
+    let prompt = chars / 4;
     let budget = body
         .get("max_tokens")
         .or_else(|| body.pointer("/options/num_predict"))
@@ -630,10 +644,10 @@ mod tests {
     #[test]
     fn token_estimate_counts_prompt_and_budget() {
         let body = json!({"messages": "x".repeat(400), "max_tokens": 100});
-        let chars = serde_json::to_string(&body).unwrap().len() as u32;
-        assert_eq!(estimated_tokens(&body), chars / 4 + 100);
+        let chars = serde_json::to_string(&body).unwrap().len();
+        assert_eq!(estimated_tokens(&body, chars), chars as u32 / 4 + 100);
         let body = json!({"options": {"num_predict": 50}});
-        assert_eq!(estimated_tokens(&body), 7 + 50);
+        assert_eq!(estimated_tokens(&body, 29), 7 + 50);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! server, LM Studio, Ollama's `/v1`), with OpenRouter's extras read when present: the cost
 //! in `usage.cost` and the reasoning in `message.reasoning` (`reasoning_content` elsewhere).
 
+use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::{ProviderConfig, Reply, Wire, effective_max_tokens};
@@ -54,7 +55,75 @@ pub fn body(
     Json::Object(body)
 }
 
+/// The parts of a reply that are read; everything else is skipped without being built.
+#[derive(Deserialize)]
+struct Completion {
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Json>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    message: Option<Message>,
+    #[serde(default)]
+    finish_reason: Option<Json>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    content: Option<Json>,
+    #[serde(default)]
+    reasoning: Option<Json>,
+    #[serde(default)]
+    reasoning_content: Option<Json>,
+}
+
 pub fn parse_reply(text: &str) -> Result<Reply, String> {
+    match serde_json::from_str::<Completion>(text) {
+        Ok(completion) => from_completion(completion),
+        // An unusual shape (a field of another type, a duplicate field): read it as a value.
+        Err(_) => parse_value(text),
+    }
+}
+
+/// A non-empty string, taken out of its value.
+fn text_of(value: Option<Json>) -> Option<String> {
+    match value {
+        Some(Json::String(text)) if !text.is_empty() => Some(text),
+        _ => None,
+    }
+}
+
+fn from_completion(completion: Completion) -> Result<Reply, String> {
+    let Some(choice) = completion.choices.into_iter().next() else {
+        return Err("the server's reply has no `choices`".to_owned());
+    };
+    let usage = |name: &str| completion.usage.as_ref().and_then(|u| u.get(name));
+    let tokens = |name: &str| usage(name).and_then(Json::as_u64).unwrap_or(0);
+    let (content, reasoning) = match choice.message {
+        Some(message) => (
+            text_of(message.content),
+            text_of(message.reasoning).or_else(|| text_of(message.reasoning_content)),
+        ),
+        None => (None, None),
+    };
+    Ok(Reply {
+        content: content.unwrap_or_default(),
+        finish_reason: match choice.finish_reason {
+            Some(Json::String(reason)) => Some(reason),
+            _ => None,
+        },
+        prompt_tokens: tokens("prompt_tokens"),
+        completion_tokens: tokens("completion_tokens"),
+        cost: usage("cost").and_then(Json::as_f64),
+        reasoning,
+    })
+}
+
+fn parse_value(text: &str) -> Result<Reply, String> {
     let value: Json =
         serde_json::from_str(text).map_err(|e| format!("the server's reply is not JSON ({e})"))?;
     let choice = value
@@ -148,6 +217,23 @@ mod tests {
         );
         assert!(parse_reply("{}").unwrap_err().contains("no `choices`"));
         assert!(parse_reply("<html>").unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn the_typed_reading_agrees_with_reading_a_value() {
+        for text in [
+            r#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"{}","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42,"cost":0.5}}"#,
+            r#"{"choices":[{"message":null,"finish_reason":null}]}"#,
+            r#"{"choices":[],"usage":{}}"#,
+            r#"{"choices":[{"message":{"content":"","reasoning":"","reasoning_content":"r"},"finish_reason":""}],"usage":{"prompt_tokens":1.5,"cost":"x"}}"#,
+            r#"{"choices":[{"message":{"content":5},"finish_reason":7}],"usage":[]}"#,
+            r#"{"choices":[{"message":"text"}]}"#,
+            r#"{"choices":{"0":{"message":{"content":"odd"}}}}"#,
+            r#"{"choices":[{"message":{"content":"a","content":"b"}}]}"#,
+            r#"{"usage":{"prompt_tokens":3}}"#,
+        ] {
+            assert_eq!(parse_reply(text), parse_value(text), "{text}");
+        }
     }
 
     #[test]

@@ -490,6 +490,7 @@ async fn run_document(
             rejects: &rejects,
             usage: &usage,
             skip: None,
+            bars: false,
         };
         let output = planned
             .stage

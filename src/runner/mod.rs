@@ -107,6 +107,19 @@ pub async fn execute(plan: &Plan, options: &RunOptions) -> Result<RunOutcome, Ru
     if let Some(handle) = signals {
         handle.abort();
     }
+    // Whatever happened, what was cached (calls, kept documents, outputs) is on disk before
+    // anything is reported.
+    let store = shared.store.clone();
+    let flushed = tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .unwrap_or_else(|err| Err(std::io::Error::other(err)));
+    let result = match (result, flushed) {
+        (Ok(()), Err(source)) => Err(RunError::Cache {
+            path: options.cache_dir.clone(),
+            source,
+        }),
+        (result, _) => result,
+    };
     let rejects = std::mem::take(&mut *shared.rejects.lock().unwrap_or_else(|e| e.into_inner()));
     let documents_skipped = run.documents_skipped;
     let stages = run.outcomes.into_iter().flatten().collect();
@@ -205,6 +218,7 @@ impl<'a> Run<'a> {
             rejects: &self.shared.rejects,
             usage: &self.shared.usage,
             skip,
+            bars: true,
         };
         let output = planned.stage.run(cx, input).await;
         self.outcomes[pos] = Some(StageOutcome {

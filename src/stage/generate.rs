@@ -1,9 +1,14 @@
 //! `generate`: send each record's `messages` to an LLM, asking for JSON that matches the
 //! stage's schema, and turn each item of the reply into a record.
 //!
-//! Every call is cached under a key of the provider identity and the exact request, the
-//! moment it returns, so a killed run loses no finished call. The reply is cached, not its
-//! interpretation: a re-run reproduces the same records and the same rejects without calls.
+//! Every call is cached under a key of the provider identity and the exact request the
+//! moment it returns (the store commits within milliseconds, and the stage waits for it
+//! before it ends, Ctrl-C and errors included), so a killed run loses at most the calls of
+//! its last few milliseconds. The reply is cached, not its interpretation: a re-run
+//! reproduces the same records and the same rejects without calls.
+//!
+//! Each record's calls run as a task of their own on the runtime's worker threads; results
+//! are kept by record index, so the output order does not depend on which reply came first.
 //!
 //! A reply that is not usable gets, in order: safe repairs ([`crate::repair`]); when it was
 //! cut off at the token limit, one more try with twice the budget; when it is invalid, a
@@ -11,10 +16,12 @@
 //! other, so a re-run replays the same chain without calls. What still fails is rejected
 //! with its reason.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
@@ -22,8 +29,8 @@ use serde_json::{Value as Json, json};
 use super::{
     BuildContext, JsonSchemaFile, Kind, Mode, Stage, StageContext, StageError, StageStats,
 };
-use crate::cache::CallKey;
 use crate::cache::key::{CALL_KEY_VERSION, CALLS_BUCKET};
+use crate::cache::{CallKey, Store};
 use crate::config::node::suggest;
 use crate::provider::{CallError, Provider, Reply};
 use crate::record::Record;
@@ -75,6 +82,7 @@ fn default_length_retries() -> u32 {
     1
 }
 
+#[derive(Clone)]
 pub struct Generate {
     config: GenerateConfig,
     provider: Arc<Provider>,
@@ -115,12 +123,50 @@ fn build(cx: &BuildContext) -> super::Built {
     }
 }
 
-/// One request: the messages and budget it was built from, its body, and its cache key.
-struct Request {
-    messages: Json,
+/// One request: the messages (the record's own, until a re-ask adds to them) and budget it
+/// was built from, its body, and its cache key.
+struct Request<'r> {
+    messages: Cow<'r, Json>,
     max_tokens: Option<u32>,
     body: Json,
     key: blake3::Hash,
+}
+
+/// What the calls of one run of the stage share. Each record's calls run as a task of their
+/// own on the runtime's worker threads, so this is owned, not borrowed from the run.
+struct Calls {
+    store: Arc<dyn Store>,
+    read_cache: bool,
+    mode: Mode,
+    /// The run's stop flag (Ctrl-C, or a fatal error of any call), as seen by the calls:
+    /// the driving loop copies the run's flag here, and a fatal error sets it at once.
+    stop: Arc<AtomicBool>,
+    /// This stage's counters, added to the run's when every call has ended.
+    stats: StageStats,
+}
+
+impl Calls {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Add the counters this stage fills in to the run's.
+    fn add_stats_to(&self, to: &StageStats) {
+        let from = &self.stats;
+        for (to, from) in [
+            (&to.cached, &from.cached),
+            (&to.to_run, &from.to_run),
+            (&to.retries, &from.retries),
+            (&to.repairs, &from.repairs),
+            (&to.reasks, &from.reasks),
+            (&to.grown, &from.grown),
+            (&to.tokens_in, &from.tokens_in),
+            (&to.tokens_out, &from.tokens_out),
+            (&to.cost_nanos, &from.cost_nanos),
+        ] {
+            StageStats::add(to, StageStats::get(from));
+        }
+    }
 }
 
 /// How one record ended.
@@ -145,18 +191,29 @@ struct Problem {
     reask: bool,
 }
 
+/// A reply's token counts and cost without its text, for the run's usage totals.
+fn usage_of(reply: &Reply) -> Reply {
+    Reply {
+        content: String::new(),
+        finish_reason: None,
+        prompt_tokens: reply.prompt_tokens,
+        completion_tokens: reply.completion_tokens,
+        cost: reply.cost,
+        reasoning: None,
+    }
+}
+
 impl Generate {
-    fn request(&self, messages: Json, max_tokens: Option<u32>) -> Request {
+    fn request<'r>(&self, messages: Cow<'r, Json>, max_tokens: Option<u32>) -> Request<'r> {
         let body = self.provider.body(
             &messages,
             self.schema.as_ref().map(|s| &s.schema),
             max_tokens,
         );
-        let endpoint = self.provider.endpoint();
         let key = CallKey {
             key_version: CALL_KEY_VERSION,
             provider: self.provider.config.kind.name(),
-            endpoint: &endpoint,
+            endpoint: self.provider.endpoint(),
             body: &body,
         }
         .digest();
@@ -168,9 +225,9 @@ impl Generate {
         }
     }
 
-    fn first_request(&self, record: &Record) -> Result<Request, StageError> {
+    fn first_request<'r>(&self, record: &'r Record) -> Result<Request<'r>, StageError> {
         let messages = match record.data.get("messages") {
-            Some(m @ Json::Array(_)) => m.clone(),
+            Some(m @ Json::Array(_)) => Cow::Borrowed(m),
             _ => {
                 return Err(StageError::Message(format!(
                     "record {} has no `messages`; put a `prompt` stage before it",
@@ -193,12 +250,11 @@ impl Generate {
     /// The reply to a request: from the cache, or sent (and cached the moment it returns).
     async fn fetch(
         &self,
-        cx: &StageContext<'_>,
-        request: &Request,
+        calls: &Calls,
+        request: &Request<'_>,
     ) -> Result<Option<Reply>, Resolution> {
-        if cx.shared.read_cache {
-            let cached = cx
-                .shared
+        if calls.read_cache {
+            let cached = calls
                 .store
                 .get(CALLS_BUCKET, &request.key)
                 .map_err(|e| {
@@ -206,31 +262,31 @@ impl Generate {
                 })?
                 .and_then(|bytes| serde_json::from_slice::<Reply>(&bytes).ok());
             if let Some(reply) = cached {
-                StageStats::add(&cx.stats.cached, 1);
+                StageStats::add(&calls.stats.cached, 1);
                 return Ok(Some(reply));
             }
         }
-        StageStats::add(&cx.stats.to_run, 1);
-        if cx.shared.mode == Mode::Plan {
+        StageStats::add(&calls.stats.to_run, 1);
+        if calls.mode == Mode::Plan {
             return Ok(None);
         }
         let Ok(_permit) = self.provider.limit.acquire().await else {
             return Err(Resolution::Interrupted);
         };
-        if cx.shared.stopping() {
+        if calls.stopping() {
             return Err(Resolution::Interrupted);
         }
         match self.provider.send(&request.body).await {
             Ok((reply, retries)) => {
-                StageStats::add(&cx.stats.retries, u64::from(retries));
+                StageStats::add(&calls.stats.retries, u64::from(retries));
                 // Tokens count what this run spent; cached replies cost nothing now.
-                StageStats::add(&cx.stats.tokens_in, reply.prompt_tokens);
-                StageStats::add(&cx.stats.tokens_out, reply.completion_tokens);
+                StageStats::add(&calls.stats.tokens_in, reply.prompt_tokens);
+                StageStats::add(&calls.stats.tokens_out, reply.completion_tokens);
                 if let Some(cost) = reply.cost {
-                    StageStats::add(&cx.stats.cost_nanos, super::cost_nanos(cost));
+                    StageStats::add(&calls.stats.cost_nanos, super::cost_nanos(cost));
                 }
                 let bytes = serde_json::to_vec(&reply).unwrap_or_default();
-                cx.shared
+                calls
                     .store
                     .put(CALLS_BUCKET, &request.key, &bytes)
                     .map_err(|e| {
@@ -241,7 +297,7 @@ impl Generate {
                 Ok(Some(reply))
             }
             Err(CallError::GaveUp { attempts, last }) => {
-                StageStats::add(&cx.stats.retries, u64::from(attempts.saturating_sub(1)));
+                StageStats::add(&calls.stats.retries, u64::from(attempts.saturating_sub(1)));
                 Err(Resolution::Rejected {
                     code: "call_failed",
                     reason: format!("the call failed after {attempts} attempts: {last}"),
@@ -250,29 +306,28 @@ impl Generate {
             }
             Err(fatal) => {
                 // A bad key or a bad request fails every call alike: stop sending.
-                cx.shared
-                    .stop
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                calls.stop.store(true, Ordering::Relaxed);
                 Err(Resolution::Fatal(StageError::Call(fatal)))
             }
         }
     }
 
-    /// Follow one record's requests to items or a rejection.
-    async fn resolve(&self, cx: &StageContext<'_>, record: &Record) -> Resolution {
+    /// Follow one record's requests to items or a rejection; `usage` gets every reply's
+    /// token counts.
+    async fn resolve(&self, calls: &Calls, record: &Record, usage: &mut Vec<Reply>) -> Resolution {
         let mut request = match self.first_request(record) {
             Ok(r) => r,
             Err(e) => return Resolution::Fatal(e),
         };
         let (mut reasks, mut grows) = (0, 0);
         loop {
-            let reply = match self.fetch(cx, &request).await {
+            let reply = match self.fetch(calls, &request).await {
                 Ok(Some(reply)) => reply,
                 Ok(None) => return Resolution::Pending,
                 Err(resolution) => return resolution,
             };
-            cx.count_usage(&self.provider.name, &reply);
-            let problem = match self.interpret(cx, &reply) {
+            usage.push(usage_of(&reply));
+            let problem = match self.interpret(calls, &reply) {
                 Ok(items) => return Resolution::Items(items),
                 Err(problem) => problem,
             };
@@ -282,14 +337,17 @@ impl Generate {
                 && let Some(bigger) = self.bigger_budget(request.max_tokens)
             {
                 grows += 1;
-                StageStats::add(&cx.stats.grown, 1);
-                request = self.request(request.messages.clone(), Some(bigger));
+                StageStats::add(&calls.stats.grown, 1);
+                request = self.request(request.messages, Some(bigger));
                 continue;
             }
             if problem.reask && !truncated && reasks < self.config.reasks {
                 reasks += 1;
-                StageStats::add(&cx.stats.reasks, 1);
-                let mut messages = request.messages.as_array().cloned().unwrap_or_default();
+                StageStats::add(&calls.stats.reasks, 1);
+                let mut messages = match request.messages.into_owned() {
+                    Json::Array(messages) => messages,
+                    _ => Vec::new(),
+                };
                 messages.push(json!({ "role": "assistant", "content": reply.content }));
                 messages.push(json!({
                     "role": "user",
@@ -298,7 +356,7 @@ impl Generate {
                         problem.reason
                     ),
                 }));
-                request = self.request(Json::Array(messages), request.max_tokens);
+                request = self.request(Cow::Owned(Json::Array(messages)), request.max_tokens);
                 continue;
             }
             return Resolution::Rejected {
@@ -323,7 +381,7 @@ impl Generate {
     /// The items of a reply, or why there are none.
     fn interpret(
         &self,
-        cx: &StageContext<'_>,
+        calls: &Calls,
         reply: &Reply,
     ) -> Result<Vec<serde_json::Map<String, Json>>, Problem> {
         let truncated = reply.finish_reason.as_deref() == Some("length");
@@ -369,7 +427,7 @@ impl Generate {
                 reask: true,
             })?;
         }
-        StageStats::add(&cx.stats.repairs, u64::from(repaired));
+        StageStats::add(&calls.stats.repairs, u64::from(repaired));
         let list = match (&self.config.items_field, value) {
             (Some(field), Json::Object(mut obj)) => match obj.remove(field) {
                 Some(Json::Array(items)) => items,
@@ -442,34 +500,70 @@ impl Stage for Generate {
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
             StageStats::add(&cx.stats.items, input.len() as u64);
-            let bar = cx.shared.progress.add(
-                indicatif::ProgressBar::new(input.len() as u64).with_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{prefix} [{bar:30}] {pos}/{len} records · {per_sec} · eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                ),
+            let bar = if cx.bars {
+                cx.shared
+                    .progress
+                    .add(indicatif::ProgressBar::new(input.len() as u64))
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} records · {per_sec} · eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_prefix(cx.name.to_owned());
-            // Cached records resolve at once; the provider's limit bounds what is in flight,
-            // so the stream only needs enough room to keep that limit busy.
+            // Each record's calls are a task of their own, so that building requests,
+            // hashing, HTTP, parsing and cache writes spread over the worker threads. The
+            // provider's limit bounds what is in flight; cached records resolve at once, so
+            // the set only needs enough room to keep that limit busy.
             let room = self.provider.config.concurrency.max(1) * 2 + 64;
+            let this = Arc::new(self.clone());
+            let calls = Arc::new(Calls {
+                store: cx.shared.store.clone(),
+                read_cache: cx.shared.read_cache,
+                mode: cx.shared.mode,
+                stop: cx.shared.stop.clone(),
+                stats: StageStats::default(),
+            });
+            let input = Arc::new(input);
             let mut resolutions: Vec<Option<Resolution>> = (0..input.len()).map(|_| None).collect();
-            // Indices, not references, go through the stream: a closure over borrowed items
-            // trips a known limit of rustc's lifetime inference in boxed futures.
-            let (bar_ref, cx_ref, records) = (&bar, &cx, &input);
-            let mut stream = futures::stream::iter(0..input.len())
-                .map(move |i| async move {
-                    let resolution = self.resolve(cx_ref, &records[i]).await;
-                    bar_ref.inc(1);
-                    (i, resolution)
-                })
-                .buffer_unordered(room);
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut next = 0;
             let mut failure = None;
-            while let Some((i, resolution)) = stream.next().await {
+            loop {
+                // Once the run stops, no record starts: its calls could not be sent.
+                while tasks.len() < room && next < input.len() && !calls.stopping() {
+                    let (this, calls, input, i) =
+                        (this.clone(), calls.clone(), input.clone(), next);
+                    tasks.spawn(async move {
+                        let mut usage = Vec::new();
+                        let resolution = this.resolve(&calls, &input[i], &mut usage).await;
+                        (i, resolution, usage)
+                    });
+                    next += 1;
+                }
+                let Some(joined) = tasks.join_next().await else {
+                    break;
+                };
+                let (i, resolution, usage) = match joined {
+                    Ok(done) => done,
+                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    Err(_) => {
+                        failure.get_or_insert(StageError::Interrupted);
+                        continue;
+                    }
+                };
+                for reply in &usage {
+                    cx.count_usage(&self.provider.name, reply);
+                }
+                bar.inc(1);
                 match resolution {
                     Resolution::Fatal(err) => {
+                        // Stop sending, here and in every other stage of the run.
+                        calls.stop.store(true, Ordering::Relaxed);
                         failure.get_or_insert(err);
                     }
                     Resolution::Interrupted => {
@@ -478,8 +572,13 @@ impl Stage for Generate {
                     other => resolutions[i] = Some(other),
                 }
             }
-            drop(stream);
+            if next < input.len() {
+                // Records never started because the run stopped.
+                failure.get_or_insert(StageError::Interrupted);
+            }
+            calls.add_stats_to(cx.stats);
             bar.finish_and_clear();
+            // The runner makes the cache entries durable before it reports anything.
             if let Some(err) = failure {
                 return Err(err);
             }

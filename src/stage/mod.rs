@@ -272,7 +272,7 @@ pub struct RunShared {
     pub rejects: Mutex<Vec<Reject>>,
     pub progress: indicatif::MultiProgress,
     /// Set on Ctrl-C: no new LLM call starts.
-    pub stop: AtomicBool,
+    pub stop: Arc<AtomicBool>,
     /// Tokens of every reply the outputs are built from (sent now or earlier), per provider.
     pub usage: Mutex<BTreeMap<String, Usage>>,
 }
@@ -484,6 +484,8 @@ pub struct StageContext<'a> {
     /// already has. The stage still lists them in [`RunShared::documents`] but need not read
     /// them or yield their records.
     pub skip: Option<&'a SkipDocument<'a>>,
+    /// Draw the stage's own progress bar: off while the runner shows progress by document.
+    pub bars: bool,
 }
 
 pub type SkipDocument<'a> = dyn Fn(&str, &str) -> bool + Sync + 'a;

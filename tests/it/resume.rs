@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 use crate::mock::{Behavior, MockLlm};
 use crate::support::{Workspace, sample_doc, stderr};
 
+/// Calls committed to the cache database, read as another process would.
 fn cached_calls(ws: &Workspace) -> usize {
-    walkdir::WalkDir::new(ws.path("cache/calls-v1"))
+    kegline::cache::DiskStore::stats(&ws.path("cache"))
+        .unwrap()
         .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file() && !e.file_name().to_string_lossy().starts_with(".tmp"))
-        .count()
+        .filter(|(bucket, _, _)| bucket == "calls-v1")
+        .map(|(_, entries, _)| entries as usize)
+        .sum()
 }
 
 #[test]

@@ -1,0 +1,503 @@
+//! The on-disk store: one SQLite database per cache folder, in WAL mode, written in batches
+//! by a thread of its own, so that no call waits for the disk and several `keg` processes
+//! can share one cache at once (SQLite locks the file for them; readers never wait).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use super::Store;
+
+/// The database in a cache folder. The name carries the layout's version: layout 1 was one
+/// file per entry, `<bucket>/<2 hex>/<64 hex>`; layout 2 is this database. A later layout
+/// gets a new name rather than a file older builds would misread; layout 1 folders found on
+/// open are imported once (see [`import_layout_1`]), so no cached call is lost.
+pub const DATABASE: &str = "cache-v2.sqlite";
+
+/// How long a write waits for another process's transaction before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most messages taken into one transaction.
+const BATCH: usize = 1024;
+/// How long the writer gathers entries before it commits them (a flush commits at once).
+/// Each commit costs file locks and a WAL write; a killed process loses at most this much.
+const GATHER: Duration = Duration::from_millis(5);
+
+const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by keg.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
+
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS entries (
+    bucket TEXT NOT NULL,
+    key BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (bucket, key)
+)";
+const SELECT: &str = "SELECT value FROM entries WHERE bucket = ?1 AND key = ?2";
+const UPSERT: &str = "INSERT OR REPLACE INTO entries (bucket, key, value) VALUES (?1, ?2, ?3)";
+
+/// Entries in one SQLite database (`<root>/cache-v2.sqlite`), keyed by bucket and blake3
+/// key. `put` hands the entry to the writer thread and returns; each batch is one
+/// transaction, so a killed process leaves whole entries or none, and loses at most the
+/// batch being gathered (calls finished in the last few milliseconds).
+pub struct DiskStore {
+    root: PathBuf,
+    path: PathBuf,
+    /// Idle read connections: one per thread reading at the same moment.
+    readers: Mutex<Vec<Connection>>,
+    pending: Arc<Pending>,
+    sender: Option<mpsc::Sender<Message>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+/// Entries handed to the writer and not yet committed, so that `get` sees them at once, and
+/// the first write error, reported by the next `put` or `flush`.
+#[derive(Default)]
+struct Pending {
+    /// Bucket → key → (the `put`'s sequence number, the value).
+    entries: Mutex<HashMap<String, Bucket>>,
+    next: AtomicU64,
+    failed: Mutex<Option<String>>,
+}
+
+type Bucket = HashMap<[u8; 32], (u64, Arc<[u8]>)>;
+
+enum Message {
+    Put {
+        bucket: String,
+        key: [u8; 32],
+        value: Arc<[u8]>,
+        seq: u64,
+    },
+    Flush(mpsc::SyncSender<()>),
+}
+
+impl DiskStore {
+    /// Open (creating if needed) a cache folder, marked with `CACHEDIR.TAG` and a `.gitignore`.
+    pub fn open(root: &Path) -> io::Result<DiskStore> {
+        std::fs::create_dir_all(root)?;
+        for (name, contents) in [("CACHEDIR.TAG", CACHEDIR_TAG), (".gitignore", "*\n")] {
+            let path = root.join(name);
+            if !path.exists() {
+                std::fs::write(path, contents)?;
+            }
+        }
+        let path = root.join(DATABASE);
+        let mut conn = connect(&path, true)?;
+        // WAL: readers never block the writer nor each other, across processes too; it stays
+        // set in the file. `synchronous = NORMAL` keeps every commit safe from a killed
+        // process (a power cut may lose the last ones, never corrupt the file).
+        let _mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(sql)?;
+        conn.execute_batch(CREATE).map_err(sql)?;
+        import_layout_1(root, &mut conn)?;
+        let pending = Arc::new(Pending::default());
+        let (sender, receiver) = mpsc::channel();
+        let writer = {
+            let pending = pending.clone();
+            std::thread::Builder::new()
+                .name("keg-cache-writer".into())
+                .spawn(move || write_loop(conn, &receiver, &pending))?
+        };
+        Ok(DiskStore {
+            root: root.to_path_buf(),
+            path,
+            readers: Mutex::new(Vec::new()),
+            pending,
+            sender: Some(sender),
+            writer: Some(writer),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Entry count and bytes per bucket, sorted by bucket.
+    pub fn stats(root: &Path) -> io::Result<Vec<(String, u64, u64)>> {
+        if root.is_dir() && !layout_1_buckets(root)?.is_empty() {
+            // Entries of layout 1 count once they are in the database.
+            drop(DiskStore::open(root)?);
+        }
+        let Some(conn) = existing(root)? else {
+            return Ok(Vec::new());
+        };
+        let mut statement = conn
+            .prepare(
+                "SELECT bucket, COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM entries \
+                 GROUP BY bucket ORDER BY bucket",
+            )
+            .map_err(sql)?;
+        let rows = statement
+            .query_map([], |row| {
+                let (entries, bytes): (i64, i64) = (row.get(1)?, row.get(2)?);
+                Ok((row.get(0)?, entries as u64, bytes as u64))
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+    }
+
+    /// Remove every entry, keeping the marker files.
+    pub fn clear(root: &Path) -> io::Result<u64> {
+        let mut removed = 0;
+        if root.is_dir() {
+            for bucket in layout_1_buckets(root)? {
+                removed += walkdir::WalkDir::new(&bucket)
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_file())
+                    .count() as u64;
+                std::fs::remove_dir_all(bucket)?;
+            }
+        }
+        if let Some(conn) = existing(root)? {
+            removed += conn.execute("DELETE FROM entries", []).map_err(sql)? as u64;
+            // Give the space back when no other process is reading; harmless when one is.
+            let _ = conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);");
+        }
+        Ok(removed)
+    }
+
+    fn reader(&self) -> io::Result<Connection> {
+        match lock(&self.readers).pop() {
+            Some(conn) => Ok(conn),
+            None => connect(&self.path, false),
+        }
+    }
+}
+
+impl Store for DiskStore {
+    fn get(&self, bucket: &str, key: &blake3::Hash) -> io::Result<Option<Vec<u8>>> {
+        if let Some((_, value)) = lock(&self.pending.entries)
+            .get(bucket)
+            .and_then(|entries| entries.get(key.as_bytes()))
+        {
+            return Ok(Some(value.to_vec()));
+        }
+        let conn = self.reader()?;
+        let value = conn
+            .prepare_cached(SELECT)
+            .and_then(|mut statement| {
+                statement
+                    .query_row(params![bucket, &key.as_bytes()[..]], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(sql);
+        lock(&self.readers).push(conn);
+        value
+    }
+
+    fn put(&self, bucket: &str, key: &blake3::Hash, value: &[u8]) -> io::Result<()> {
+        self.pending.check()?;
+        let value: Arc<[u8]> = Arc::from(value);
+        let seq = self.pending.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending.entries)
+            .entry(bucket.to_owned())
+            .or_default()
+            .insert(*key.as_bytes(), (seq, value.clone()));
+        let message = Message::Put {
+            bucket: bucket.to_owned(),
+            key: *key.as_bytes(),
+            value,
+            seq,
+        };
+        self.sender
+            .as_ref()
+            .and_then(|sender| sender.send(message).ok())
+            .ok_or_else(|| io::Error::other("the cache writer has stopped"))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let (done, wait) = mpsc::sync_channel(1);
+        if let Some(sender) = &self.sender
+            && sender.send(Message::Flush(done)).is_ok()
+        {
+            // An error here means the writer is gone; `check` then says why.
+            let _ = wait.recv();
+        }
+        self.pending.check()
+    }
+}
+
+impl Drop for DiskStore {
+    /// Write what is pending before the process goes on to exit.
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Pending {
+    fn check(&self) -> io::Result<()> {
+        match &*lock(&self.failed) {
+            Some(err) => Err(io::Error::other(err.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Commit what has arrived, one transaction per batch, until every sender is gone.
+fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, pending: &Pending) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Ok(first) = receiver.recv() {
+        let deadline = Instant::now() + GATHER;
+        batch.push(first);
+        while batch.len() < BATCH && !matches!(batch.last(), Some(Message::Flush(_))) {
+            match receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        if let Err(err) = write_batch(&mut conn, &batch) {
+            lock(&pending.failed).get_or_insert_with(|| err.to_string());
+        }
+        let mut entries = lock(&pending.entries);
+        for message in batch.drain(..) {
+            match message {
+                Message::Put {
+                    bucket, key, seq, ..
+                } => {
+                    // A later `put` of the same key stays pending until its own batch.
+                    if let Some(bucket) = entries.get_mut(&bucket)
+                        && bucket.get(&key).is_some_and(|(s, _)| *s == seq)
+                    {
+                        bucket.remove(&key);
+                    }
+                }
+                Message::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Message]) -> rusqlite::Result<()> {
+    if !batch.iter().any(|m| matches!(m, Message::Put { .. })) {
+        return Ok(());
+    }
+    // IMMEDIATE takes the write lock up front, so two processes queue for it (busy timeout)
+    // instead of failing on a read-to-write upgrade.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut upsert = tx.prepare_cached(UPSERT)?;
+        for message in batch {
+            if let Message::Put {
+                bucket, key, value, ..
+            } = message
+            {
+                upsert.execute(params![bucket, &key[..], &value[..]])?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+fn connect(path: &Path, create: bool) -> io::Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL;")
+        .map_err(sql)?;
+    Ok(conn)
+}
+
+/// The database of a cache folder if there is one, for `keg cache`; never creates it.
+fn existing(root: &Path) -> io::Result<Option<Connection>> {
+    let path = root.join(DATABASE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let conn = connect(&path, false)?;
+    let tables: u32 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'entries'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(sql)?;
+    Ok((tables > 0).then_some(conn))
+}
+
+/// The bucket folders of layout 1: every folder in the cache root.
+fn layout_1_buckets(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut buckets = Vec::new();
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            buckets.push(entry.path());
+        }
+    }
+    buckets.sort();
+    Ok(buckets)
+}
+
+/// Move the entries of layout 1 into the database, one transaction per bucket, then delete
+/// the bucket's files. Another process may be doing the same at the same moment: both
+/// insert the same bytes, and a file the other one removed first is skipped.
+fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
+    for bucket in layout_1_buckets(root)? {
+        let Some(name) = bucket
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        {
+            let mut upsert = tx.prepare_cached(UPSERT).map_err(sql)?;
+            for entry in walkdir::WalkDir::new(&bucket).into_iter().flatten() {
+                let file_name = entry.file_name().to_string_lossy();
+                let Ok(key) = blake3::Hash::from_hex(file_name.as_bytes()) else {
+                    continue; // a temp file of an interrupted write, or something foreign
+                };
+                if !entry.file_type().is_file() {
+                    continue;
+                }
+                let value = match std::fs::read(entry.path()) {
+                    Ok(value) => value,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(err),
+                };
+                upsert
+                    .execute(params![name, &key.as_bytes()[..], value])
+                    .map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)?;
+        match std::fs::remove_dir_all(&bucket) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn sql(err: rusqlite::Error) -> io::Error {
+    io::Error::other(err)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_then_get_and_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("c");
+        let store = DiskStore::open(&root).unwrap();
+        let key = blake3::hash(b"k");
+        assert_eq!(store.get("calls-v1", &key).unwrap(), None);
+        store.put("calls-v1", &key, b"value").unwrap();
+        // Seen at once, before the writer has committed it.
+        assert_eq!(
+            store.get("calls-v1", &key).unwrap().as_deref(),
+            Some(&b"value"[..])
+        );
+        store.flush().unwrap();
+        assert_eq!(
+            store.get("calls-v1", &key).unwrap().as_deref(),
+            Some(&b"value"[..])
+        );
+        assert!(root.join("CACHEDIR.TAG").is_file());
+        assert!(root.join(DATABASE).is_file());
+        assert_eq!(
+            std::fs::read_to_string(root.join(".gitignore")).unwrap(),
+            "*\n"
+        );
+        let stats = DiskStore::stats(&root).unwrap();
+        assert_eq!(stats, vec![("calls-v1".to_owned(), 1, 5)]);
+        assert_eq!(DiskStore::clear(&root).unwrap(), 1);
+        assert_eq!(store.get("calls-v1", &key).unwrap(), None);
+        assert_eq!(DiskStore::stats(&root).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn dropping_the_store_writes_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        for i in 0u32..2000 {
+            store
+                .put("b", &blake3::hash(&i.to_le_bytes()), &i.to_le_bytes())
+                .unwrap();
+        }
+        drop(store);
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("b".to_owned(), 2000, 8000)]
+        );
+        let store = DiskStore::open(dir.path()).unwrap();
+        let key = blake3::hash(&1999u32.to_le_bytes());
+        assert_eq!(
+            store.get("b", &key).unwrap().as_deref(),
+            Some(&1999u32.to_le_bytes()[..])
+        );
+    }
+
+    #[test]
+    fn two_stores_on_one_folder_write_at_once_and_read_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            DiskStore::open(dir.path()).unwrap(),
+            DiskStore::open(dir.path()).unwrap(),
+        );
+        std::thread::scope(|scope| {
+            for (store, tag) in [(&a, 0u8), (&b, 1u8)] {
+                scope.spawn(move || {
+                    for i in 0u32..500 {
+                        let key = blake3::hash(&[&i.to_le_bytes()[..], &[tag]].concat());
+                        store.put("b", &key, &[tag; 100]).unwrap();
+                    }
+                    store.flush().unwrap();
+                });
+            }
+        });
+        let key = blake3::hash(&[&7u32.to_le_bytes()[..], &[1]].concat());
+        assert_eq!(a.get("b", &key).unwrap(), Some(vec![1; 100]));
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("b".to_owned(), 1000, 100_000)]
+        );
+    }
+
+    #[test]
+    fn layout_1_entries_are_imported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = blake3::hash(b"old");
+        let hex = key.to_hex();
+        let folder = dir.path().join("calls-v1").join(&hex[..2]);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(hex.as_str()), b"old reply").unwrap();
+        std::fs::write(folder.join(".tmpXYZ"), b"torn").unwrap();
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("calls-v1".to_owned(), 1, 9)]
+        );
+        let store = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get("calls-v1", &key).unwrap().as_deref(),
+            Some(&b"old reply"[..])
+        );
+        assert!(!dir.path().join("calls-v1").exists());
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("calls-v1".to_owned(), 1, 9)]
+        );
+    }
+}

@@ -430,23 +430,42 @@ impl StageStats {
 }
 
 /// [`StageStats`] as plain numbers: what a stage did for one document (or for the whole
-/// output), kept so that a run that skips it reports the same counts.
+/// output), kept so that a run that skips it reports the same counts. Zero counts are left
+/// out of the stored form: there is one per stage per document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub items: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub cached: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub to_run: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub repairs: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub reasks: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub grown: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_in: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_out: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub cost_nanos: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub rejected: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<(PathBuf, usize)>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl StatsSnapshot {
@@ -618,6 +637,32 @@ impl minijinja::value::Object for TemplateContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_snapshots_store_only_what_is_not_zero_and_replay_as_cached() {
+        let stats = StageStats::default();
+        StageStats::add(&stats.items, 3);
+        StageStats::add(&stats.to_run, 2);
+        StageStats::add(&stats.cached, 1);
+        StageStats::add(&stats.tokens_in, 40);
+        let snapshot = stats.snapshot();
+        let stored = serde_json::to_string(&snapshot).unwrap();
+        assert_eq!(
+            stored,
+            r#"{"items":3,"cached":1,"to_run":2,"tokens_in":40}"#
+        );
+        let back: StatsSnapshot = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back, snapshot);
+        let replayed = back.replayed();
+        assert_eq!(
+            (replayed.cached, replayed.to_run, replayed.tokens_in),
+            (3, 0, 0)
+        );
+        let total = StageStats::default();
+        total.absorb(&replayed);
+        total.absorb(&replayed);
+        assert_eq!(StageStats::get(&total.cached), 6);
+    }
 
     #[test]
     fn kind_names_match_their_files() {

@@ -23,6 +23,13 @@ pub const OUTPUTS_BUCKET: &str = "outputs-v1";
 pub const FILE_INDEX_BUCKET: &str = "file-index-v1";
 pub const MEMO_KEY_VERSION: u32 = 1;
 
+/// A key struct, hashed as its canonical JSON.
+pub trait MemoKey: Serialize {
+    fn digest(&self) -> blake3::Hash {
+        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
+    }
+}
+
 /// Everything that decides what the per-document stages make of one document.
 #[derive(Serialize)]
 pub struct DocumentKey<'a> {
@@ -38,11 +45,7 @@ pub struct DocumentKey<'a> {
     pub document: &'a str,
 }
 
-impl DocumentKey<'_> {
-    pub fn digest(&self) -> blake3::Hash {
-        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
-    }
-}
+impl MemoKey for DocumentKey<'_> {}
 
 /// Everything that decides the files the stages after the per-document ones write.
 #[derive(Serialize)]
@@ -57,11 +60,7 @@ pub struct OutputsKey<'a> {
     pub documents: &'a [(String, String)],
 }
 
-impl OutputsKey<'_> {
-    pub fn digest(&self) -> blake3::Hash {
-        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
-    }
-}
+impl MemoKey for OutputsKey<'_> {}
 
 /// Whose files a [`FileIndex`] describes: a `load` stage's settings, read from a folder.
 #[derive(Serialize)]
@@ -72,11 +71,7 @@ pub struct FileIndexKey<'a> {
     pub cwd: &'a str,
 }
 
-impl FileIndexKey<'_> {
-    pub fn digest(&self) -> blake3::Hash {
-        canonical_hash(&serde_json::to_value(self).unwrap_or_default())
-    }
-}
+impl MemoKey for FileIndexKey<'_> {}
 
 /// The documents a `load` stage read, by path, so that a file whose size, modification time
 /// and inode are unchanged need not be read again to know its digest (as git's index does).

@@ -22,8 +22,8 @@ use serde_json::json;
 use super::{Run, RunError, StageOutcome};
 use crate::cache::memo::{
     DOCUMENT_RECORDS_BUCKET, DOCUMENTS_BUCKET, DocumentEntry, DocumentKey, DocumentRecords,
-    FileMemo, MEMO_KEY_VERSION, OUTPUTS_BUCKET, OutputsEntry, OutputsKey, RejectMemo, StageMemo,
-    usage_memo, usage_restore,
+    FileMemo, MEMO_KEY_VERSION, MemoKey, OUTPUTS_BUCKET, OutputsEntry, OutputsKey, RejectMemo,
+    StageMemo, usage_memo, usage_restore,
 };
 use crate::config::Plan;
 use crate::config::plan::provider_identity;

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json, json};
 
 use super::{BuildContext, Kind, Mode, Stage, StageContext, StageError, StageStats};
-use crate::cache::memo::{FILE_INDEX_BUCKET, FileFacts, FileIndex, FileIndexKey, MEMO_KEY_VERSION};
+use crate::cache::memo::{
+    FILE_INDEX_BUCKET, FileFacts, FileIndex, FileIndexKey, MEMO_KEY_VERSION, MemoKey,
+};
 use crate::config::Diagnostic;
 use crate::record::{Lineage, Record};
 

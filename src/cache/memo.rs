@@ -56,6 +56,8 @@ pub struct OutputsKey<'a> {
     pub pipeline: &'a str,
     /// blake3 over every template file.
     pub templates: &'a str,
+    /// The vars templates read, with their values.
+    pub vars: &'a Json,
     /// Each document's path and [`DocumentEntry::digest`], in the order they were loaded.
     pub documents: &'a [(String, String)],
 }

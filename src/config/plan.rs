@@ -38,6 +38,9 @@ pub struct Plan {
     /// blake3 over every file in the template search path: a template may include or import
     /// any of them, so results kept per document must change when any of them does.
     pub templates_digest: String,
+    /// The vars templates (files or inline) read, with their values: a template that reads a
+    /// var renders differently when it changes, though no stage setting does.
+    pub template_vars: Json,
 }
 
 impl Plan {
@@ -81,7 +84,7 @@ impl Plan {
         }
 
         let templates = Templates::new(template_dirs(&file, &mut errors));
-        let templates_digest = folders_digest(templates.dirs());
+        let (templates_digest, mut vars_read) = folders_digest(templates.dirs());
 
         let mut built: Vec<Option<Arc<dyn Stage>>> = Vec::with_capacity(file.stages.len());
         for raw in &file.stages {
@@ -196,6 +199,11 @@ impl Plan {
             });
         }
 
+        for s in &stages {
+            // Inline templates live in the settings.
+            vars_read.scan(&s.stage.settings().to_string());
+        }
+        let template_vars = vars_read.select(&file.vars);
         let hash = canonical_hash(&json!({
             "stages": stages.iter().map(|s| json!({
                 "name": s.name,
@@ -214,6 +222,7 @@ impl Plan {
             providers,
             hash,
             templates_digest,
+            template_vars,
         })
     }
 
@@ -244,10 +253,12 @@ pub fn provider_identity(p: &Provider) -> Json {
     })
 }
 
-/// blake3 over the relative paths and bytes of every file under `dirs`, in a fixed order.
-/// An unreadable file counts by its error, so that it still changes the digest when fixed.
-fn folders_digest(dirs: &[PathBuf]) -> String {
+/// blake3 over the relative paths and bytes of every file under `dirs`, in a fixed order,
+/// and which vars those files read (see [`VarsRead`]). An unreadable file counts by its
+/// error, so that it still changes the digest when fixed.
+fn folders_digest(dirs: &[PathBuf]) -> (String, VarsRead) {
     let mut hasher = blake3::Hasher::new();
+    let mut read = VarsRead::default();
     for (i, dir) in dirs.iter().enumerate() {
         for entry in walkdir::WalkDir::new(dir)
             .sort_by_file_name()
@@ -259,9 +270,53 @@ fn folders_digest(dirs: &[PathBuf]) -> String {
             let bytes = std::fs::read(entry.path()).unwrap_or_else(|e| e.to_string().into_bytes());
             hasher.update(format!("{i}\0{}\0{}\0", relative.display(), bytes.len()).as_bytes());
             hasher.update(&bytes);
+            read.scan(&String::from_utf8_lossy(&bytes));
         }
     }
-    hasher.finalize().to_hex().to_string()
+    (hasher.finalize().to_hex().to_string(), read)
+}
+
+/// The vars a template text may read: the names written as `vars.name`, or all of them
+/// when `vars` appears any other way (`vars[key]`, `vars | tojson`, prose), which cannot be
+/// followed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct VarsRead {
+    pub all: bool,
+    pub names: std::collections::BTreeSet<String>,
+}
+
+impl VarsRead {
+    pub fn scan(&mut self, text: &str) {
+        let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let mut rest = text;
+        while let Some(at) = rest.find("vars") {
+            let before = rest[..at].chars().next_back();
+            let after = &rest[at + 4..];
+            rest = after;
+            if before.is_some_and(is_ident) || after.starts_with(is_ident) {
+                continue; // part of another word
+            }
+            let name: String = after
+                .strip_prefix('.')
+                .map(|n| n.chars().take_while(|&c| is_ident(c)).collect())
+                .unwrap_or_default();
+            if name.is_empty() {
+                self.all = true;
+            } else {
+                self.names.insert(name);
+            }
+        }
+    }
+
+    /// The vars read, with their values.
+    pub fn select(&self, vars: &IndexMap<String, Json>) -> Json {
+        Json::Object(
+            vars.iter()
+                .filter(|(name, _)| self.all || self.names.contains(*name))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+        )
+    }
 }
 
 /// The template search path: the folders the file lists (relative to the file), then
@@ -289,4 +344,31 @@ fn template_dirs(file: &PipelineFile, errors: &mut Vec<Diagnostic>) -> Vec<PathB
         }
     }
     dirs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vars_read_by_name_or_all_of_them() {
+        let mut read = VarsRead::default();
+        read.scan("{{ vars.audience }} {{ envvars }} {{ varsity }} {% if vars.k_2 %}");
+        assert_eq!(
+            read,
+            VarsRead {
+                all: false,
+                names: ["audience".to_owned(), "k_2".to_owned()].into(),
+            }
+        );
+        let vars: IndexMap<String, Json> = [("a".to_owned(), json!(1)), ("b".to_owned(), json!(2))]
+            .into_iter()
+            .collect();
+        let mut some = VarsRead::default();
+        some.scan("{{ vars.b }}");
+        assert_eq!(some.select(&vars), json!({"b": 2}));
+        read.scan("{{ vars[name] }}");
+        assert!(read.all);
+        assert_eq!(read.select(&vars), json!({"a": 1, "b": 2}));
+    }
 }

@@ -26,7 +26,6 @@ use crate::cache::memo::{
     StageMemo, usage_memo, usage_restore,
 };
 use crate::config::Plan;
-use crate::config::plan::provider_identity;
 use crate::record::{Record, canonical_hash};
 use crate::stage::{
     Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats, Usage,
@@ -100,9 +99,10 @@ impl Layout {
             "source": describe(source),
             "stages": region.iter().map(|&p| describe(p)).collect::<Vec<_>>(),
             "providers": plan.providers.iter()
-                .map(|(name, p)| (name.clone(), provider_identity(p)))
+                .map(|(name, p)| (name.clone(), provider_answers(p)))
                 .collect::<serde_json::Map<_, _>>(),
             "templates": plan.templates_digest,
+            "vars": plan.template_vars,
         }))
         .to_hex()
         .to_string();
@@ -114,6 +114,28 @@ impl Layout {
             digest,
         })
     }
+}
+
+/// A provider's settings that can change its answers: all of them but those that only
+/// pace or retry the requests, or name where the key is (never the key itself). A setting
+/// added later counts until it is listed here.
+fn provider_answers(provider: &crate::provider::Provider) -> serde_json::Value {
+    let mut settings = serde_json::to_value(&provider.config).unwrap_or_default();
+    if let Some(map) = settings.as_object_mut() {
+        for pacing in [
+            "api_key_env",
+            "concurrency",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "timeout_secs",
+            "max_retries",
+            "retry_delay_ms",
+            "keep_alive",
+        ] {
+            map.remove(pacing);
+        }
+    }
+    json!({ "name": provider.name, "settings": settings })
 }
 
 /// One document's results: kept from an earlier run, or made now.
@@ -282,6 +304,7 @@ impl Run<'_> {
             keg: KEG_VERSION,
             pipeline: &plan.hash,
             templates: &plan.templates_digest,
+            vars: &plan.template_vars,
             documents: &digests,
         }
         .digest();

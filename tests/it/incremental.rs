@@ -303,6 +303,34 @@ fn an_edited_included_template_changes_the_calls() {
 }
 
 #[test]
+fn a_var_a_template_reads_changes_the_calls() {
+    let ws = workspace_with_docs();
+    copy_shipped_pipeline(&ws);
+    let pipeline = ws.read("pipelines/docs-qa.yaml");
+    ws.write(
+        "pipelines/docs-qa.yaml",
+        pipeline.replacen("vars:\n", "vars:\n  audience: engineers\n", 1),
+    );
+    let user = ws.read("templates/qa/user.j2");
+    ws.write(
+        "templates/qa/user.j2",
+        format!("{user}\nWrite for {{{{ vars.audience }}}}.\n"),
+    );
+    let mock = MockLlm::start(Behavior::default());
+    run_copied(&ws, &mock);
+    assert_eq!(mock.requests(), 12);
+    assert!(user_message(&mock.bodies()[0]).contains("Write for engineers."));
+    mock.reset();
+    let mut args = ws.docs_qa_args(&mock, "run");
+    args[1] = ws.path("pipelines/docs-qa.yaml").display().to_string();
+    args.extend(["--set".to_owned(), "audience=students".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::support::assert_success(&ws.keg(&args));
+    assert_eq!(mock.requests(), 12);
+    assert!(user_message(&mock.bodies()[0]).contains("Write for students."));
+}
+
+#[test]
 fn a_changed_validation_schema_applies_without_calls() {
     let ws = workspace_with_docs();
     copy_shipped_pipeline(&ws);

@@ -374,6 +374,39 @@ fn a_call_that_keeps_failing_is_given_up_and_rejected_with_the_reason() {
 }
 
 #[test]
+fn provider_settings_that_change_answers_rerun_documents_and_pacing_does_not() {
+    let ws = docs_workspace();
+    let mock = MockLlm::start(Behavior::default());
+    let plain = shipped_with_provider_fields(&ws, &[]);
+    assert_ok(&run_with(&ws, &plain, &mock, Kind::OpenAi, &[], &[]));
+    assert_eq!(mock.requests(), 12);
+    // Pacing: the same answers, so every document is kept.
+    let output = run_with(
+        &ws,
+        &plain,
+        &mock,
+        Kind::OpenAi,
+        &[("concurrency", "3")],
+        &[],
+    );
+    assert_ok(&output);
+    assert_eq!(mock.requests(), 12);
+    summary_has(&output, "documents unchanged since an earlier run: skipped");
+    // A lower token cap (not part of the provider's identity in the manifest) changes every
+    // request.
+    let text = ws.read("pipeline.yaml");
+    assert!(text.contains("max_tokens: 2048"));
+    ws.write(
+        "capped.yaml",
+        text.replace("max_tokens: 2048", "max_tokens: 100"),
+    );
+    let output = run_with(&ws, &ws.path("capped.yaml"), &mock, Kind::OpenAi, &[], &[]);
+    assert_ok(&output);
+    assert_eq!(mock.requests(), 24);
+    assert!(mock.bodies()[12..].iter().all(|b| b["max_tokens"] == 100));
+}
+
+#[test]
 fn calls_that_gave_up_are_sent_again_by_the_next_run() {
     let ws = docs_workspace();
     // Each picked message fails its first 3 attempts: the first run gives up on it after

@@ -87,17 +87,7 @@ impl DiskStore {
         }
         let path = root.join(DATABASE);
         let mut conn = connect(&path, true)?;
-        // WAL: readers never block the writer nor each other, across processes too; it stays
-        // set in the file. `synchronous = NORMAL` keeps every commit safe from a killed
-        // process (a power cut may lose the last ones, never corrupt the file).
-        // Entries (replies, a document's records) are a few KB: larger pages keep most of
-        // them out of overflow chains. Takes effect only when the file is new.
-        conn.execute_batch("PRAGMA page_size = 16384;")
-            .map_err(sql)?;
-        let _mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(sql)?;
-        conn.execute_batch(CREATE).map_err(sql)?;
+        set_up(&mut conn).map_err(sql)?;
         import_layout_1(root, &mut conn)?;
         let pending = Arc::new(Pending::default());
         let (sender, receiver) = mpsc::channel();
@@ -303,6 +293,48 @@ fn write_batch(conn: &mut Connection, batch: &[Message]) -> rusqlite::Result<()>
     tx.commit()
 }
 
+/// Make a new database ready, or check an existing one is. Several processes may open a
+/// new cache folder at once: switching the file to WAL needs it alone, and where two
+/// connections would deadlock SQLite answers "busy" at once instead of waiting. Both are
+/// harmless to try again, so this waits and tries again, up to [`BUSY_TIMEOUT`].
+fn set_up(conn: &mut Connection) -> rusqlite::Result<()> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match try_set_up(conn) {
+            Err(err) if is_busy(&err) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            done => return done,
+        }
+    }
+}
+
+fn try_set_up(conn: &mut Connection) -> rusqlite::Result<()> {
+    // Entries (replies, a document's records) are a few KB: larger pages keep most of them
+    // out of overflow chains. Takes effect only while the file is empty.
+    conn.execute_batch("PRAGMA page_size = 16384;")?;
+    // WAL: readers never block the writer nor each other, across processes too; it stays
+    // set in the file. `synchronous = NORMAL` (see [`connect`]) keeps every commit safe
+    // from a killed process (a power cut may lose the last ones, never corrupt the file).
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    }
+    // IMMEDIATE: the table check and its creation happen under one write lock.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(CREATE)?;
+    tx.commit()
+}
+
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn connect(path: &Path, create: bool) -> io::Result<Connection> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     if create {
@@ -452,6 +484,32 @@ mod tests {
             store.get("b", &key).unwrap().as_deref(),
             Some(&1999u32.to_le_bytes()[..])
         );
+    }
+
+    #[test]
+    fn many_stores_opening_a_new_folder_at_once_all_open() {
+        // Creating the file, switching it to WAL and creating the table each take a lock;
+        // a second opener must wait for them, never fail with "database is locked".
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("cache");
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|scope| {
+                for i in 0u8..8 {
+                    let (root, barrier) = (&root, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let store = DiskStore::open(root).unwrap();
+                        store.put("b", &blake3::hash(&[i]), &[i]).unwrap();
+                        store.flush().unwrap();
+                    });
+                }
+            });
+            assert_eq!(
+                DiskStore::stats(&root).unwrap(),
+                vec![("b".to_owned(), 8, 8)]
+            );
+        }
     }
 
     #[test]

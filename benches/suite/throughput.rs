@@ -42,7 +42,7 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         let bodies = bench.mock.take_bodies();
         bench.mock.set(bench.timed_behavior());
         bench.mock.reset();
-        baseline::run(&bench.mock.endpoint(), bodies, concurrency)
+        let base_cpu = baseline::run(&bench.mock.endpoint(), bodies, concurrency)
             .context("the baseline client failed")?;
         let base = bench.mock.window();
         if window.requests != calls as u64 {
@@ -95,6 +95,18 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 (per_call, format!("{:.1} µs", per_call * 1e6)),
                 (50e-6, "50 µs".to_owned()),
                 Goal::AtMost(1.0),
+            ),
+        );
+        let base_per_call = base_cpu.as_secs_f64() / base.requests.max(1) as f64;
+        bench.push(
+            Figure::new(
+                cpu_id,
+                "  barrier-free client's CPU per call, same bodies and server (HTTP only)",
+            )
+            .compare(
+                (base_per_call, format!("{:.1} µs", base_per_call * 1e6)),
+                (50e-6, "50 µs".to_owned()),
+                Goal::Info,
             ),
         );
         bench.push(

@@ -14,7 +14,7 @@
 //! document order, so outputs do not depend on the order calls finish in.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use futures::StreamExt;
 use serde_json::json;
@@ -28,8 +28,8 @@ use crate::cache::memo::{
 use crate::config::Plan;
 use crate::record::{Record, canonical_hash};
 use crate::stage::{
-    Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats, Usage,
-    add_usage,
+    Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats,
+    Streamed, Usage, add_usage,
 };
 
 const KEG_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -44,6 +44,9 @@ pub struct Layout {
     boundary: Vec<usize>,
     /// The later stages, in run order.
     rest: Vec<usize>,
+    /// When the later stages form one chain from the one boundary stage (each read by the
+    /// next alone), they can be fed document by document: see [`crate::stage::Streamed`].
+    chain: bool,
     /// blake3 over the settings of the source and the per-document stages, the providers'
     /// identities and the template files.
     digest: String,
@@ -81,11 +84,26 @@ impl Layout {
             // A later stage reads the documents themselves; run everything whole.
             return None;
         }
-        let boundary = region
+        let boundary: Vec<usize> = region
             .iter()
             .copied()
             .filter(|r| rest.iter().any(|&p| stages[p].inputs.contains(r)))
             .collect();
+        let readers = |p: usize| stages.iter().filter(|s| s.inputs.contains(&p)).count();
+        let chain = match boundary[..] {
+            [first] => {
+                let mut previous = first;
+                let linked = rest.iter().all(|&p| {
+                    let next = stages[p].inputs == [previous];
+                    previous = p;
+                    next
+                });
+                linked
+                    && rest.iter().rev().skip(1).all(|&p| readers(p) == 1)
+                    && rest.last().is_some_and(|&p| readers(p) == 0)
+            }
+            _ => false,
+        };
         let describe = |pos: usize| {
             let s = &stages[pos];
             json!({
@@ -111,6 +129,7 @@ impl Layout {
             region,
             boundary,
             rest,
+            chain,
             digest,
         })
     }
@@ -155,6 +174,9 @@ struct Made {
     digest: String,
     /// The records' stored form, until they are kept.
     stored: Vec<u8>,
+    /// The records are in the cache and no longer here (when the later stages are fed
+    /// document by document, they read them back).
+    in_cache: bool,
 }
 
 impl Document {
@@ -235,6 +257,34 @@ impl Run<'_> {
         let kept = documents.iter().filter(|d| d.is_some()).count();
         self.documents_skipped = Some((kept, documents.len()));
 
+        // The later stages, fed document by document when they can be.
+        let tail_stats: Vec<StageStats> =
+            layout.rest.iter().map(|_| StageStats::default()).collect();
+        let streams = layout
+            .chain
+            .then(|| {
+                layout
+                    .rest
+                    .iter()
+                    .zip(&tail_stats)
+                    .map(|(&pos, stats)| {
+                        let planned = &plan.stages[pos];
+                        planned.stage.stream(StageContext {
+                            name: &planned.name,
+                            shared,
+                            stats,
+                            splits: planned.splits.as_deref(),
+                            ancestors: &planned.ancestors,
+                            rejects: &shared.rejects,
+                            usage: &shared.usage,
+                            skip: None,
+                            bars: true,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
+
         // The rest run now, concurrently; enough documents are in flight to keep every
         // provider's limit busy.
         let room = layout
@@ -274,7 +324,12 @@ impl Run<'_> {
             bar.inc(1);
             match result {
                 Ok(mut made) => {
-                    keep(shared, &keys[i], &mut made);
+                    if keep(shared, &keys[i], &mut made) && streams.is_some() {
+                        // Read back when the later stages are fed: held here, every
+                        // document's records would be in memory at once.
+                        made.records = Vec::new();
+                        made.in_cache = true;
+                    }
                     documents[i] = Some(Document::Made(made));
                 }
                 // A fatal error stops the other documents, which then end as interrupted:
@@ -312,10 +367,52 @@ impl Run<'_> {
             return Ok(());
         }
 
-        // Something changed: the later stages read every document's records.
+        if let Some(streams) = streams {
+            // Something changed: the later stages read every document's records, one
+            // document at a time.
+            let boundary = &plan.stages[layout.boundary[0]].name;
+            let names: Vec<&str> = layout
+                .rest
+                .iter()
+                .map(|&p| plan.stages[p].name.as_str())
+                .collect();
+            let counts = feed(shared, boundary, &sources, documents, streams, &names)?;
+            for ((&pos, fed), (records_in, records_out)) in
+                layout.rest.iter().zip(&tail_stats).zip(counts)
+            {
+                let planned = &plan.stages[pos];
+                let stats = StageStats::default();
+                stats.absorb(&fed.snapshot());
+                self.outcomes[pos] = Some(StageOutcome {
+                    name: planned.name.clone(),
+                    kind: planned.kind,
+                    records_in,
+                    records_out,
+                    stats,
+                    unchanged: false,
+                });
+            }
+        } else {
+            // Something changed: the later stages read every document's records.
+            self.whole_tail(layout, documents, &sources).await?;
+        }
+        if shared.mode == Mode::Run {
+            self.keep_outputs(layout, &outputs_key);
+        }
+        Ok(())
+    }
+
+    /// The later stages, run whole on every document's records at once.
+    async fn whole_tail(
+        &mut self,
+        layout: &Layout,
+        documents: Vec<Document>,
+        sources: &[Arc<str>],
+    ) -> Result<(), RunError> {
+        let (plan, shared) = (self.plan, self.shared);
         let mut stored = read_all_records(shared, &documents)?;
         let mut boundary: Vec<Vec<Record>> = layout.boundary.iter().map(|_| Vec::new()).collect();
-        for ((doc, source), stored) in documents.into_iter().zip(&sources).zip(&mut stored) {
+        for ((doc, source), stored) in documents.into_iter().zip(sources).zip(&mut stored) {
             match doc {
                 Document::Kept(_) => {
                     for (b, &pos) in layout.boundary.iter().enumerate() {
@@ -332,11 +429,7 @@ impl Run<'_> {
         for (&pos, records) in layout.boundary.iter().zip(boundary) {
             self.outputs[pos] = Some(Arc::new(records));
         }
-        self.stages(layout.rest.iter().copied()).await?;
-        if shared.mode == Mode::Run {
-            self.keep_outputs(layout, &outputs_key);
-        }
-        Ok(())
+        self.stages(layout.rest.iter().copied()).await
     }
 
     /// The per-document stages' outcomes are the sums over documents, kept ones counted as a
@@ -549,6 +642,7 @@ async fn run_document(
         rejects,
         usage,
         digest,
+        in_cache: false,
     })
 }
 
@@ -595,20 +689,21 @@ impl std::io::Write for HashWriter<'_> {
 /// points at them, so an entry is never found without its records. Not kept: plans, and
 /// documents with a call that failed (the next run tries it again). Best effort: what
 /// cannot be kept is made again next time.
-fn keep(shared: &RunShared, key: &blake3::Hash, made: &mut Made) {
+/// Returns whether the records are in the cache.
+fn keep(shared: &RunShared, key: &blake3::Hash, made: &mut Made) -> bool {
     let stored = std::mem::take(&mut made.stored);
     if shared.mode != Mode::Run || made.rejects.iter().any(Reject::is_transient) {
-        return;
+        return false;
     }
     let Ok(digest) = blake3::Hash::from_hex(&made.digest) else {
-        return;
+        return false;
     };
     if shared
         .store
         .put(DOCUMENT_RECORDS_BUCKET, &digest, &stored)
         .is_err()
     {
-        return;
+        return false;
     }
     let entry = DocumentEntry {
         digest: made.digest.clone(),
@@ -619,6 +714,99 @@ fn keep(shared: &RunShared, key: &blake3::Hash, made: &mut Made) {
     if let Ok(bytes) = serde_json::to_vec(&entry) {
         let _ = shared.store.put(DOCUMENTS_BUCKET, key, &bytes);
     }
+    true
+}
+
+/// Documents handed to the later stages per batch: small, so little is held at once.
+const FEED_BATCH: usize = 16;
+
+/// Feed the later stages every document's records (those of stage `boundary`), document by
+/// document in order, then finish them. Records in the cache are read back and parsed on
+/// every core a few batches ahead of the stages, which run on this thread. Returns each
+/// stage's records in and out.
+fn feed(
+    shared: &RunShared,
+    boundary: &str,
+    sources: &[Arc<str>],
+    mut documents: Vec<Document>,
+    mut streams: Vec<Box<dyn Streamed + '_>>,
+    names: &[&str],
+) -> Result<Vec<(usize, usize)>, RunError> {
+    // Documents made in this run whose records were not kept hand them over from memory.
+    let mut held: Vec<Option<Vec<Record>>> = documents
+        .iter_mut()
+        .map(|doc| match doc {
+            Document::Made(made) if !made.in_cache => std::mem::take(&mut made.records)
+                .into_iter()
+                .next()
+                .map(|(_, records)| records),
+            _ => None,
+        })
+        .collect();
+    let documents = &documents;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let batches = documents.len().div_ceil(FEED_BATCH);
+    type Batch = Result<Vec<Option<Vec<Record>>>, RunError>;
+    std::thread::scope(|scope| {
+        // Worker `w` reads batches w, w + threads, …, each into a channel of its own, so
+        // this thread takes them in order and no worker runs more than two batches ahead.
+        let receivers: Vec<mpsc::Receiver<Batch>> = (0..threads)
+            .map(|w| {
+                let (sender, receiver) = mpsc::sync_channel::<Batch>(2);
+                scope.spawn(move || {
+                    for b in (w..batches).step_by(threads) {
+                        let end = ((b + 1) * FEED_BATCH).min(documents.len());
+                        let batch: Batch = (b * FEED_BATCH..end)
+                            .map(|i| {
+                                let digest = match &documents[i] {
+                                    Document::Kept(entry) => &entry.digest,
+                                    Document::Made(made) if made.in_cache => &made.digest,
+                                    Document::Made(_) => return Ok(None),
+                                };
+                                let mut stored = read_records(shared, digest)?;
+                                Ok(Some(stored.take(boundary, &sources[i])))
+                            })
+                            .collect();
+                        let failed = batch.is_err();
+                        if sender.send(batch).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                receiver
+            })
+            .collect();
+        let mut counts = vec![(0, 0); streams.len()];
+        for b in 0..batches {
+            let batch = receivers[b % threads]
+                .recv()
+                .map_err(|_| RunError::Cache {
+                    path: std::path::PathBuf::from(DOCUMENT_RECORDS_BUCKET),
+                    source: std::io::Error::other("a thread reading the cache stopped"),
+                })??;
+            for (k, records) in batch.into_iter().enumerate() {
+                let mut records = records
+                    .or_else(|| held[b * FEED_BATCH + k].take())
+                    .unwrap_or_default();
+                for ((stream, count), name) in streams.iter_mut().zip(&mut counts).zip(names) {
+                    count.0 += records.len();
+                    records = stream
+                        .push(records)
+                        .map_err(|err| RunError::of_stage(name, err))?;
+                    count.1 += records.len();
+                }
+            }
+        }
+        if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RunError::Interrupted);
+        }
+        for (stream, name) in streams.into_iter().zip(names) {
+            stream
+                .finish()
+                .map_err(|err| RunError::of_stage(name, err))?;
+        }
+        Ok(counts)
+    })
 }
 
 /// The records of every kept document (empty for the others), read and parsed on all
@@ -636,7 +824,7 @@ fn read_all_records(
                 scope.spawn(move || {
                     docs.iter()
                         .map(|doc| match doc {
-                            Document::Kept(entry) => read_records(shared, entry),
+                            Document::Kept(entry) => read_records(shared, &entry.digest),
                             Document::Made(_) => Ok(DocumentRecords::default()),
                         })
                         .collect::<Result<Vec<_>, _>>()
@@ -655,15 +843,14 @@ fn read_all_records(
 }
 
 /// A kept document's records.
-fn read_records(shared: &RunShared, entry: &DocumentEntry) -> Result<DocumentRecords, RunError> {
+fn read_records(shared: &RunShared, digest: &str) -> Result<DocumentRecords, RunError> {
     let missing = || RunError::Cache {
         path: std::path::PathBuf::from(DOCUMENT_RECORDS_BUCKET),
         source: std::io::Error::other(format!(
-            "the records of a skipped document ({}) are missing or damaged; run `keg cache clear` or pass `--no-cache`",
-            entry.digest
+            "the records of a document ({digest}) are missing or damaged; run `keg cache clear` or pass `--no-cache`"
         )),
     };
-    let digest = blake3::Hash::from_hex(&entry.digest).map_err(|_| missing())?;
+    let digest = blake3::Hash::from_hex(digest).map_err(|_| missing())?;
     let bytes = shared
         .store
         .get(DOCUMENT_RECORDS_BUCKET, &digest)

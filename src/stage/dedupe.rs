@@ -1,6 +1,8 @@
 //! `dedupe`: drop records whose chosen fields repeat an earlier record's (exact match, after
 //! optional case and whitespace folding). The first record in lineage order is kept.
 
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -9,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats};
+use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats, Streamed};
 use crate::config::Diagnostic;
 use crate::record::{Record, canonical_json, write_canonical_into};
 
@@ -112,14 +114,8 @@ impl Dedupe {
             .iter_mut()
             .enumerate()
             .map(|(position, record)| {
-                let hash = self.key(record, &mut buf);
-                let (high, low) = hash.as_bytes().split_at(16);
-                let half = |bytes: &[u8]| {
-                    let mut array = [0u8; 16];
-                    array.copy_from_slice(bytes);
-                    u128::from_be_bytes(array)
-                };
-                (half(high), half(low), position)
+                let (high, low) = key_halves(&self.key(record, &mut buf));
+                (high, low, position)
             })
             .collect();
         // Equal keys end up adjacent, the earliest position first: the one kept.
@@ -165,9 +161,82 @@ impl Dedupe {
     }
 }
 
+/// A key as two halves, compared without `memcmp`.
+type Key = (u128, u128);
+
+fn key_halves(hash: &blake3::Hash) -> Key {
+    let (high, low) = hash.as_bytes().split_at(16);
+    let half = |bytes: &[u8]| {
+        let mut array = [0u8; 16];
+        array.copy_from_slice(bytes);
+        u128::from_be_bytes(array)
+    };
+    (half(high), half(low))
+}
+
+/// Keys are blake3 digests, already uniform: a set of them needs no hashing of its own.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        // The first half written decides the bucket; the second only confirms equality.
+        if self.0 == 0 {
+            self.0 = n as u64;
+        }
+    }
+}
+
+/// Dedupe fed document by document: the keys seen so far are all it keeps.
+struct Streaming<'a> {
+    stage: &'a Dedupe,
+    cx: StageContext<'a>,
+    seen: HashSet<Key, BuildHasherDefault<KeyHasher>>,
+    buf: Vec<u8>,
+}
+
+impl Streamed for Streaming<'_> {
+    fn push(&mut self, mut records: Vec<Record>) -> Result<Vec<Record>, StageError> {
+        StageStats::add(&self.cx.stats.items, records.len() as u64);
+        if !super::in_lineage_order(&records) {
+            records.sort_by(crate::record::by_lineage);
+        }
+        let before = records.len();
+        let Streaming {
+            stage, seen, buf, ..
+        } = self;
+        records.retain_mut(|record| seen.insert(key_halves(&stage.key(record, buf))));
+        StageStats::add(&self.cx.stats.skipped, (before - records.len()) as u64);
+        Ok(records)
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
 impl Stage for Dedupe {
     fn settings(&self) -> Json {
         serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn stream<'a>(&'a self, cx: StageContext<'a>) -> Option<Box<dyn Streamed + 'a>> {
+        Some(Box::new(Streaming {
+            stage: self,
+            cx,
+            seen: HashSet::default(),
+            buf: Vec::new(),
+        }))
     }
 
     fn run<'a>(
@@ -329,20 +398,48 @@ mod tests {
             (vec![], true),
             (vec![], false),
         ];
+        let dir = tempfile::tempdir().unwrap();
+        let shared = crate::stage::RunShared::for_tests(dir.path());
         for (fields, normalize) in configs {
             let config = DedupeConfig {
                 fields: fields.iter().map(|f| f.to_string()).collect(),
                 normalize,
             };
             let expected = reference(&config, &input);
-            let mut records = input.clone();
-            Dedupe {
+            let dedupe = Dedupe {
                 config: config.clone(),
-            }
-            .drop_duplicates(&mut records);
+            };
+            let mut records = input.clone();
+            dedupe.drop_duplicates(&mut records);
             let kept: Vec<String> = records.iter().map(|r| r.lineage.display()).collect();
             assert_eq!(kept, expected, "{config:?}");
             assert!(kept.len() < input.len(), "{config:?} drops something");
+
+            // Fed in pieces (as document by document), it keeps the same records.
+            let stats = StageStats::default();
+            let cx = StageContext {
+                name: "unique",
+                shared: &shared,
+                stats: &stats,
+                splits: None,
+                ancestors: &[],
+                rejects: &shared.rejects,
+                usage: &shared.usage,
+                skip: None,
+                bars: false,
+            };
+            let mut streamed = dedupe.stream(cx).expect("dedupe streams");
+            let mut kept = Vec::new();
+            for piece in [&input[..3], &input[3..4], &input[4..]] {
+                let out = streamed.push(piece.to_vec()).unwrap();
+                kept.extend(out.iter().map(|r| r.lineage.display()));
+            }
+            streamed.finish().unwrap();
+            assert_eq!(kept, expected, "{config:?}, fed in pieces");
+            assert_eq!(
+                StageStats::get(&stats.skipped) as usize,
+                input.len() - expected.len()
+            );
         }
         assert_eq!(
             reference(

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 
 use super::{
-    BuildContext, Kind, Mode, Reject, Stage, StageContext, StageError, StageStats, template_context,
+    BuildContext, Kind, Mode, Reject, Stage, StageContext, StageError, StageStats, Streamed,
+    template_context,
 };
 use crate::config::Diagnostic;
 use crate::record::Record;
@@ -407,126 +408,202 @@ impl Stage for Export {
     fn run<'a>(
         &'a self,
         cx: StageContext<'a>,
-        mut input: Vec<Record>,
+        input: Vec<Record>,
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
-            StageStats::add(&cx.stats.items, input.len() as u64);
-            if !super::in_lineage_order(&input) {
-                input.sort_by(crate::record::by_lineage);
-            }
-            let compiled = self.compile()?;
-            let dir = PathBuf::from(&self.config.dir);
-            let write = cx.shared.mode == Mode::Run;
-            if write {
-                std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
-            }
-            let open = |name: &str| Output::create(dir.join(format!("{name}.jsonl")), write);
-
-            // Every split named upstream gets a file, even an empty one, so that a split
-            // that emptied out does not leave last run's file behind.
-            // In the order the splits were declared (train, valid, test).
-            let mut files: IndexMap<String, Output> = IndexMap::new();
-            for name in cx.splits.unwrap_or_default() {
-                files.insert(name.clone(), open(name)?);
-            }
-            let mut line = Vec::new();
-            let mut last: Option<(String, usize)> = None;
-            for record in &mut input {
-                match self.row(&compiled, record, &mut line) {
-                    Ok(()) => {
-                        let split = record.split.as_deref().unwrap_or("data");
-                        // Records of a split come in runs: look its file up once per run.
-                        let index = match &last {
-                            Some((name, index)) if **name == *split => *index,
-                            _ => {
-                                let index = match files.get_index_of(split) {
-                                    Some(index) => index,
-                                    None => files.insert_full(split.to_owned(), open(split)?).0,
-                                };
-                                last = Some((split.to_owned(), index));
-                                index
-                            }
-                        };
-                        let output = &mut files[index];
-                        output.push(&line)?;
-                        output.rows += 1;
-                    }
-                    Err(reason) => cx.reject(&record.lineage, "empty_field", reason, None),
-                }
-            }
-
-            let mut rejects: Vec<Reject> = cx
-                .shared
-                .rejects
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|r| r.stage == cx.name || cx.ancestors.contains(&r.stage))
-                .cloned()
-                .collect();
-            rejects.sort_by(|a, b| (&a.order, &a.stage).cmp(&(&b.order, &b.stage)));
-            let mut rejects_file = open("rejects")?;
-            for reject in &rejects {
-                line.clear();
-                serde_json::to_writer(&mut line, reject)
-                    .map_err(|e| StageError::Message(e.to_string()))?;
-                line.push(b'\n');
-                rejects_file.push(&line)?;
-            }
-            rejects_file.rows = rejects.len();
-
-            let mut finished = Vec::with_capacity(files.len() + 2);
-            let mut splits = serde_json::Map::new();
-            for (name, output) in files {
-                let output = output.finish()?;
-                splits.insert(
-                    name.clone(),
-                    json!({
-                        "file": format!("{name}.jsonl"),
-                        "rows": output.rows,
-                        "blake3": output.digest.to_hex().as_str(),
-                    }),
-                );
-                finished.push(output);
-            }
-            finished.push(rejects_file.finish()?);
-
-            let documents = cx
-                .shared
-                .documents
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let manifest = json!({
-                "version": 1,
-                "pipeline": cx.shared.pipeline_name,
-                "pipeline_hash": cx.shared.pipeline_hash,
-                "format": self.config.format.name(),
-                "models": cx.shared.models,
-                "splits": splits,
-                "rejects": rejects.len(),
-                "usage": *cx.shared.usage.lock().unwrap_or_else(|e| e.into_inner()),
-                "documents": documents,
-            });
-            if !write {
-                return Ok(input);
-            }
-            let mut manifest_bytes = serde_json::to_vec_pretty(&manifest)
-                .map_err(|e| StageError::Message(e.to_string()))?;
-            manifest_bytes.push(b'\n');
-            let mut manifest_file = Output::create(dir.join("manifest.json"), write)?;
-            manifest_file.push(&manifest_bytes)?;
-            finished.push(manifest_file.finish()?);
-
-            let written = commit(finished)?;
-            cx.stats
-                .files
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(written);
-            Ok(input)
+            let mut streaming = Box::new(self.streaming(cx));
+            let output = streaming.push(input)?;
+            streaming.finish()?;
+            Ok(output)
         }
         .boxed()
+    }
+
+    fn stream<'a>(&'a self, cx: StageContext<'a>) -> Option<Box<dyn Streamed + 'a>> {
+        Some(Box::new(self.streaming(cx)))
+    }
+}
+
+impl Export {
+    fn streaming<'a>(&'a self, cx: StageContext<'a>) -> Streaming<'a> {
+        Streaming {
+            stage: self,
+            write: cx.shared.mode == Mode::Run,
+            cx,
+            open: None,
+            line: Vec::new(),
+            last: None,
+        }
+    }
+}
+
+/// Export fed document by document: rows go to their files as they come; rejects and the
+/// manifest are written at the end, then every file is renamed into place.
+struct Streaming<'a> {
+    stage: &'a Export,
+    cx: StageContext<'a>,
+    /// False in a plan: rows are counted and hashed, no file is made.
+    write: bool,
+    /// Made when the first records (or the end) arrive.
+    open: Option<Open<'a>>,
+    line: Vec<u8>,
+    /// The split of the last row and its file's index: records of a split come in runs.
+    last: Option<(Arc<str>, usize)>,
+}
+
+struct Open<'a> {
+    compiled: Compiled<'a>,
+    /// Split name → its file, in the order the splits were declared (train, valid, test).
+    files: IndexMap<String, Output>,
+}
+
+impl<'a> Streaming<'a> {
+    fn output(&self, name: &str) -> Result<Output, StageError> {
+        let dir = Path::new(&self.stage.config.dir);
+        Output::create(dir.join(format!("{name}.jsonl")), self.write)
+    }
+
+    fn open(&mut self) -> Result<&mut Open<'a>, StageError> {
+        if self.open.is_none() {
+            let compiled = self.stage.compile()?;
+            if self.write {
+                let dir = Path::new(&self.stage.config.dir);
+                std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
+            }
+            // Every split named upstream gets a file, even an empty one, so that a split
+            // that emptied out does not leave last run's file behind.
+            let mut files = IndexMap::new();
+            for name in self.cx.splits.unwrap_or_default() {
+                files.insert(name.clone(), self.output(name)?);
+            }
+            self.open = Some(Open { compiled, files });
+        }
+        Ok(self.open.as_mut().expect("opened above"))
+    }
+}
+
+impl Streamed for Streaming<'_> {
+    fn push(&mut self, mut records: Vec<Record>) -> Result<Vec<Record>, StageError> {
+        StageStats::add(&self.cx.stats.items, records.len() as u64);
+        if !super::in_lineage_order(&records) {
+            records.sort_by(crate::record::by_lineage);
+        }
+        self.open()?;
+        for record in &mut records {
+            let open = self.open.as_mut().expect("opened above");
+            match self.stage.row(&open.compiled, record, &mut self.line) {
+                Ok(()) => {
+                    let split: &str = record.split.as_deref().unwrap_or("data");
+                    let index = match &self.last {
+                        Some((name, index)) if **name == *split => *index,
+                        _ => {
+                            let index = match open.files.get_index_of(split) {
+                                Some(index) => index,
+                                None => {
+                                    let output = self.output(split)?;
+                                    let open = self.open.as_mut().expect("opened above");
+                                    open.files.insert_full(split.to_owned(), output).0
+                                }
+                            };
+                            self.last = Some((Arc::from(split), index));
+                            index
+                        }
+                    };
+                    let open = self.open.as_mut().expect("opened above");
+                    let output = &mut open.files[index];
+                    output.push(&self.line)?;
+                    output.rows += 1;
+                }
+                Err(reason) => self.cx.reject(&record.lineage, "empty_field", reason, None),
+            }
+        }
+        Ok(records)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<(), StageError> {
+        self.open()?;
+        let Streaming {
+            stage,
+            cx,
+            write,
+            open,
+            mut line,
+            ..
+        } = *self;
+        let Some(Open { files, .. }) = open else {
+            return Ok(());
+        };
+        let dir = Path::new(&stage.config.dir);
+        let mut rejects: Vec<Reject> = cx
+            .shared
+            .rejects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| r.stage == cx.name || cx.ancestors.contains(&r.stage))
+            .cloned()
+            .collect();
+        rejects.sort_by(|a, b| (&a.order, &a.stage).cmp(&(&b.order, &b.stage)));
+        let mut rejects_file = Output::create(dir.join("rejects.jsonl"), write)?;
+        for reject in &rejects {
+            line.clear();
+            serde_json::to_writer(&mut line, reject)
+                .map_err(|e| StageError::Message(e.to_string()))?;
+            line.push(b'\n');
+            rejects_file.push(&line)?;
+        }
+        rejects_file.rows = rejects.len();
+
+        let mut finished = Vec::with_capacity(files.len() + 2);
+        let mut splits = serde_json::Map::new();
+        for (name, output) in files {
+            let output = output.finish()?;
+            splits.insert(
+                name.clone(),
+                json!({
+                    "file": format!("{name}.jsonl"),
+                    "rows": output.rows,
+                    "blake3": output.digest.to_hex().as_str(),
+                }),
+            );
+            finished.push(output);
+        }
+        finished.push(rejects_file.finish()?);
+
+        let documents = cx
+            .shared
+            .documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let manifest = json!({
+            "version": 1,
+            "pipeline": cx.shared.pipeline_name,
+            "pipeline_hash": cx.shared.pipeline_hash,
+            "format": stage.config.format.name(),
+            "models": cx.shared.models,
+            "splits": splits,
+            "rejects": rejects.len(),
+            "usage": *cx.shared.usage.lock().unwrap_or_else(|e| e.into_inner()),
+            "documents": documents,
+        });
+        if !write {
+            return Ok(());
+        }
+        let mut manifest_bytes =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| StageError::Message(e.to_string()))?;
+        manifest_bytes.push(b'\n');
+        let mut manifest_file = Output::create(dir.join("manifest.json"), write)?;
+        manifest_file.push(&manifest_bytes)?;
+        finished.push(manifest_file.finish()?);
+
+        let written = commit(finished)?;
+        cx.stats
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(written);
+        Ok(())
     }
 }
 

@@ -85,6 +85,26 @@ pub trait Stage: Send + Sync {
     fn partition(&self) -> Partition {
         Partition::Whole
     }
+
+    /// The stage taking its input a document at a time instead of all at once, when it can
+    /// (see [`Streamed`]); `None` when it needs every record at once. Making it has no side
+    /// effect: the runner may drop it unused.
+    fn stream<'a>(&'a self, _cx: StageContext<'a>) -> Option<Box<dyn Streamed + 'a>> {
+        None
+    }
+}
+
+/// A stage fed its input in pieces: each document's records, documents in lineage order,
+/// keeping between pieces only what it must (dedupe the keys it has seen, export its open
+/// files). Fed every record this way, it gives what [`Stage::run`] gives on all of them at
+/// once; the runner then never holds every record of a run in memory.
+pub trait Streamed {
+    /// The next records, all after those pushed before in lineage order; returns the
+    /// records this stage passes on.
+    fn push(&mut self, records: Vec<Record>) -> Result<Vec<Record>, StageError>;
+
+    /// No more records: write what is left.
+    fn finish(self: Box<Self>) -> Result<(), StageError>;
 }
 
 /// How a stage's output relates to documents, which decides what the runner may skip.
@@ -330,6 +350,26 @@ pub fn cost_nanos(cost: f64) -> u64 {
 }
 
 impl RunShared {
+    /// A run's shared state over a cache in `dir`, for unit tests of stages.
+    #[cfg(test)]
+    pub fn for_tests(dir: &Path) -> RunShared {
+        RunShared {
+            mode: Mode::Run,
+            store: Arc::new(crate::cache::DiskStore::open(dir).expect("open a test cache")),
+            read_cache: true,
+            pipeline_name: "test".into(),
+            pipeline_hash: String::new(),
+            models: Json::Null,
+            documents: Mutex::default(),
+            rejects: Mutex::default(),
+            progress: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::hidden(),
+            ),
+            stop: Arc::default(),
+            usage: Mutex::default(),
+        }
+    }
+
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }

@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats};
+use super::{BuildContext, Kind, Stage, StageContext, StageError, StageStats, Streamed};
 use crate::config::{Diagnostic, is_valid_name};
 use crate::record::Record;
 
@@ -148,28 +148,57 @@ impl Stage for Split {
     fn run<'a>(
         &'a self,
         cx: StageContext<'a>,
-        mut input: Vec<Record>,
+        input: Vec<Record>,
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
-        async move {
-            StageStats::add(&cx.stats.items, input.len() as u64);
-            // Records of a group arrive together (lineage order): hash each group once.
-            let mut key = String::new();
-            let mut last: Option<(String, Arc<str>)> = None;
-            for record in &mut input {
-                self.group_key(record, &mut key);
-                let split = match &mut last {
-                    Some((last_key, split)) if *last_key == key => split.clone(),
-                    _ => {
-                        let split = self.assign(&key);
-                        last = Some((key.clone(), split.clone()));
-                        split
-                    }
-                };
-                record.split = Some(split);
-            }
-            Ok(input)
+        async move { self.streaming(cx).push(input) }.boxed()
+    }
+
+    fn stream<'a>(&'a self, cx: StageContext<'a>) -> Option<Box<dyn Streamed + 'a>> {
+        Some(Box::new(self.streaming(cx)))
+    }
+}
+
+impl Split {
+    fn streaming<'a>(&'a self, cx: StageContext<'a>) -> Streaming<'a> {
+        Streaming {
+            stage: self,
+            cx,
+            key: String::new(),
+            last: None,
         }
-        .boxed()
+    }
+}
+
+/// Each record's split is its own: nothing is kept between documents but the last group's.
+struct Streaming<'a> {
+    stage: &'a Split,
+    cx: StageContext<'a>,
+    key: String,
+    /// The last group key and its split: records of a group arrive together (lineage
+    /// order), so each group is hashed once.
+    last: Option<(String, Arc<str>)>,
+}
+
+impl Streamed for Streaming<'_> {
+    fn push(&mut self, mut records: Vec<Record>) -> Result<Vec<Record>, StageError> {
+        StageStats::add(&self.cx.stats.items, records.len() as u64);
+        for record in &mut records {
+            self.stage.group_key(record, &mut self.key);
+            let split = match &mut self.last {
+                Some((last_key, split)) if *last_key == self.key => split.clone(),
+                _ => {
+                    let split = self.stage.assign(&self.key);
+                    self.last = Some((self.key.clone(), split.clone()));
+                    split
+                }
+            };
+            record.split = Some(split);
+        }
+        Ok(records)
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), StageError> {
+        Ok(())
     }
 }
 

@@ -410,3 +410,83 @@ fn unchanged_files_are_not_read_again_and_edited_ones_are() {
     }
     assert!(user_message(&mock.bodies()[0]).contains("LEDGER"));
 }
+
+/// A pipeline over `docs/*.md` whose prompts do not name the document, so two documents
+/// with the same text ask the same questions; `extra` adds stages after `splits`.
+fn pipeline_without_paths(ws: &Workspace, mock: &MockLlm, out: &str, extra: &str) -> String {
+    ws.write(
+        "tpl/user.j2",
+        "Passage:\n{{ text }}\n\nWrite {{ items }} question-answer pairs about this passage.\n",
+    );
+    format!(
+        r#"version: 1
+name: no-paths
+templates: [tpl, {templates}]
+providers:
+  llm: {{kind: openai, base_url: "{base_url}", model: m, concurrency: 4}}
+stages:
+  docs: {{kind: load, paths: ["docs/*.md"]}}
+  chunks: {{kind: chunk, inputs: [docs], strategy: markdown, max_chars: 800}}
+  prompts: {{kind: prompt, inputs: [chunks], system_template: qa/system.j2, user_template: user.j2, items: "3"}}
+  pairs: {{kind: generate, inputs: [prompts], provider: llm, schema: {schemas}/qa-pairs.schema.json, items_field: pairs}}
+  unique: {{kind: dedupe, inputs: [pairs], fields: [question]}}
+  splits: {{kind: split, inputs: [unique], ratios: {{train: 0.5, test: 0.5}}, group_by: example}}
+  dataset: {{kind: export, inputs: [splits], dir: {out}, prompt: question, completion: answer}}
+{extra}"#,
+        templates = crate::support::repo("templates").display(),
+        schemas = crate::support::repo("schemas").display(),
+        base_url = mock.base_url(),
+    )
+}
+
+#[test]
+fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() {
+    // dedupe → split → export form one chain after the per-document stages, so they are fed
+    // one document at a time; a second export reading `splits` makes a fork, run whole on
+    // every record at once. Both must write the same bytes, and drop the same repeats: the
+    // copy of a document asks the same questions, and only the first document keeps them.
+    let ws = workspace_with_docs();
+    ws.write("docs/zz-copy-of-ledger.md", sample_doc("ledger"));
+    let mock = MockLlm::start(Behavior::default());
+    ws.write("chain.yaml", pipeline_without_paths(&ws, &mock, "out", ""));
+    let chained = ws.keg(&["run", "chain.yaml"]);
+    crate::support::assert_success(&chained);
+    let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
+    ws.write(
+        "fork.yaml",
+        pipeline_without_paths(&ws, &mock, "out-fork", fork),
+    );
+    let forked = ws.keg(&["run", "fork.yaml"]);
+    crate::support::assert_success(&forked);
+
+    // 5 documents × 3 sections, 3 questions each; the copy's 9 are dropped.
+    let rows = |dir: &str| -> Vec<String> {
+        ["train", "test"]
+            .iter()
+            .flat_map(|s| {
+                ws.read(&format!("{dir}/{s}.jsonl"))
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert_eq!(rows("out").len(), 36, "{}", stderr(&chained));
+    let unique: std::collections::BTreeSet<String> = rows("out").into_iter().collect();
+    assert_eq!(unique.len(), 36);
+    for output in [&chained, &forked] {
+        let summary = stderr(output);
+        assert!(
+            summary.contains("45 → 36 records (9 duplicates dropped)"),
+            "{summary}"
+        );
+    }
+    for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
+        assert_eq!(
+            ws.read(&format!("out/{name}")),
+            ws.read(&format!("out-fork/{name}")),
+            "{name}"
+        );
+    }
+    assert_eq!(rows("out-chat").len(), 36);
+}

@@ -240,10 +240,15 @@ impl Pending {
 fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, pending: &Pending) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Ok(first) = receiver.recv() {
-        let deadline = Instant::now() + GATHER;
+        let flush = matches!(first, Message::Flush(_));
         batch.push(first);
+        if !flush {
+            // Sleep rather than wait on the channel: a waiting receiver costs every `put` a
+            // wake-up (a futex call and a context switch); a sleeping one costs nothing.
+            std::thread::sleep(GATHER);
+        }
         while batch.len() < BATCH && !matches!(batch.last(), Some(Message::Flush(_))) {
-            match receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match receiver.try_recv() {
                 Ok(message) => batch.push(message),
                 Err(_) => break,
             }

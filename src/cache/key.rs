@@ -2,8 +2,6 @@
 //! Golden tests pin the digests so a key cannot change by accident; bump the version when it
 //! should.
 
-use serde::Serialize;
-
 use crate::record::CanonicalWriter;
 
 /// The bucket LLM calls are stored in; its suffix follows [`CALL_KEY_VERSION`].
@@ -13,26 +11,26 @@ pub const CALL_KEY_VERSION: u32 = 1;
 /// Everything that decides an LLM call's answer. The request body holds the model, the
 /// messages, the sampling parameters and the output schema; secrets are never part of it
 /// (they travel in headers, which are not part of the key).
-#[derive(Serialize)]
 pub struct CallKey<'a> {
     pub key_version: u32,
     /// Provider kind, e.g. `openai`.
     pub provider: &'a str,
     /// The endpoint URL the request goes to.
     pub endpoint: &'a str,
-    /// The exact JSON request body.
-    pub body: &'a serde_json::Value,
+    /// The request body as canonical JSON ([`crate::record::canonical_json`]): the bytes
+    /// [`crate::provider::Provider::body`] makes once and sends.
+    pub body: &'a [u8],
 }
 
 impl CallKey<'_> {
-    /// blake3 of the canonical JSON of this struct, written field by field (in sorted key
-    /// order) so the request body is hashed in place rather than copied first, and streamed
-    /// into the hasher through one buffer: no string is made per key or value.
+    /// blake3 of the canonical JSON of this struct (fields in sorted order). The body is
+    /// canonical already, so it is hashed as it is: the key costs blake3 over the bytes that
+    /// are sent, and nothing else.
     pub fn digest(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
         let mut out = CanonicalWriter::new(&mut hasher);
         out.raw(b"{\"body\":");
-        out.value(self.body);
+        out.raw(self.body);
         out.raw(b",\"endpoint\":");
         out.str(self.endpoint);
         out.raw(b",\"key_version\":");
@@ -61,6 +59,7 @@ fn itoa(mut n: u32, buffer: &mut [u8; 10]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::canonical_json;
     use serde_json::json;
 
     #[test]
@@ -74,7 +73,7 @@ mod tests {
             key_version: CALL_KEY_VERSION,
             provider: "openai",
             endpoint: "http://127.0.0.1:8080/v1/chat/completions",
-            body: &body,
+            body: &canonical_json(&body),
         };
         // If this changes, cached calls of every user are invalidated: bump CALL_KEY_VERSION
         // and CALLS_BUCKET deliberately, then update the digest.
@@ -90,10 +89,15 @@ mod tests {
         let key = CallKey {
             key_version: 1,
             provider: "openai",
-            endpoint: "http://h/v1/chat/completions",
-            body: &body,
+            endpoint: "http://h/\"v1\"/chat/completions",
+            body: &canonical_json(&body),
         };
-        let value = serde_json::to_value(&key).unwrap();
+        let value = json!({
+            "provider": "openai",
+            "key_version": 1,
+            "endpoint": "http://h/\"v1\"/chat/completions",
+            "body": body,
+        });
         assert_eq!(key.digest(), crate::record::canonical_hash(&value));
     }
 
@@ -107,7 +111,7 @@ mod tests {
                 key_version: 1,
                 provider: "openai",
                 endpoint: "e",
-                body,
+                body: &canonical_json(body),
             }
             .digest()
         };
@@ -137,13 +141,19 @@ mod speed {
             {"role": "user", "content": "Document: x — y\n\nPassage:\n\"\"\"\n".to_owned() + &"Some words of prose, `code` and [links](http://x).\n".repeat(20) + "\"\"\"\n\nWrite 2 pairs"}],
             "temperature": 0.7, "seed": 1, "max_tokens": 304,
             "response_format": {"type": "json_schema", "json_schema": {"name": "output", "strict": true, "schema": schema}}});
+        let canonical = crate::record::canonical_json(&body);
         let key = CallKey {
             key_version: 1,
             provider: "openai",
             endpoint: "http://127.0.0.1:1/v1/chat/completions",
-            body: &body,
+            body: &canonical,
         };
-        let bytes = crate::record::canonical_json(&serde_json::to_value(&key).unwrap());
+        let bytes = crate::record::canonical_json(&json!({
+            "key_version": 1,
+            "provider": "openai",
+            "endpoint": "http://127.0.0.1:1/v1/chat/completions",
+            "body": body,
+        }));
         let n = 20_000;
         let t = std::time::Instant::now();
         for _ in 0..n {

@@ -7,7 +7,6 @@ pub mod ollama;
 pub mod openai;
 pub mod retry;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,6 +181,17 @@ pub enum CallError {
     GaveUp { attempts: u32, last: String },
 }
 
+/// One request body, made once per call by [`Provider::body`].
+pub struct Body {
+    /// The body's canonical JSON (keys sorted, no whitespace): what the call key hashes.
+    pub canonical: bytes::Bytes,
+    /// The bytes sent: the canonical body, plus the wire's transport fields when it has any
+    /// (they cannot change the answer, so they are not hashed).
+    wire: bytes::Bytes,
+    /// Prompt and completion tokens expected, for the per-minute token limit.
+    tokens: u32,
+}
+
 /// A configured provider, ready to send.
 pub struct Provider {
     pub name: String,
@@ -298,8 +308,27 @@ impl Provider {
     }
 
     /// The request body for these messages; `schema` is the JSON Schema the reply must match.
-    pub fn body(&self, messages: &Json, schema: Option<&Json>, max_tokens: Option<u32>) -> Json {
-        (self.config.kind.wire().body)(&self.config, messages, schema, max_tokens)
+    /// Serialised once, here, to canonical JSON: the call key hashes those bytes and the same
+    /// bytes are sent (every attempt), so no body is walked twice or kept as a `Value`.
+    pub fn body(&self, messages: &Json, schema: Option<&Json>, max_tokens: Option<u32>) -> Body {
+        let value = (self.config.kind.wire().body)(&self.config, messages, schema, max_tokens);
+        let canonical = bytes::Bytes::from(crate::record::canonical_json(&value));
+        let wire = match &value {
+            Json::Object(obj) if !self.transport_fields.is_empty() => {
+                let mut obj = obj.clone();
+                for (k, v) in &self.transport_fields {
+                    obj.insert(k.clone(), v.clone());
+                }
+                bytes::Bytes::from(crate::record::canonical_json(&Json::Object(obj)))
+            }
+            _ => canonical.clone(),
+        };
+        let tokens = estimated_tokens(&value, wire.len());
+        Body {
+            canonical,
+            wire,
+            tokens,
+        }
     }
 
     /// How many requests this provider currently sends at once (the adaptive window).
@@ -309,17 +338,14 @@ impl Provider {
 
     /// Send one request, retrying transient failures with exponential backoff and jitter.
     /// Returns the reply and the number of retries it took.
-    pub async fn send(&self, body: &Json) -> Result<(Reply, u32), CallError> {
-        // Serialised once, here: every attempt sends the same bytes, and the body `Value` is
-        // never copied to be sent.
-        let sent = bytes::Bytes::from(crate::record::compact_json(&self.wire_body(body)));
-        let tokens = estimated_tokens(body, sent.len());
+    pub async fn send(&self, body: &Body) -> Result<(Reply, u32), CallError> {
+        let (sent, tokens) = (&body.wire, body.tokens);
         let base = Duration::from_millis(self.config.retry_delay_ms);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let ticket = self.limits.admit(tokens).await;
-            let (wait, last) = match self.send_once(&sent).await {
+            let (wait, last) = match self.send_once(sent).await {
                 Attempt::Done(reply) => {
                     ticket.succeeded();
                     return Ok((reply, attempt - 1));
@@ -352,20 +378,6 @@ impl Provider {
                 });
             }
             tokio::time::sleep(retry::delay(attempt, base, wait, rand::random())).await;
-        }
-    }
-
-    /// The body as sent: the cached body plus fields that cannot change the answer.
-    fn wire_body<'a>(&self, body: &'a Json) -> Cow<'a, Json> {
-        match body {
-            Json::Object(obj) if !self.transport_fields.is_empty() => {
-                let mut obj = obj.clone();
-                for (k, v) in &self.transport_fields {
-                    obj.insert(k.clone(), v.clone());
-                }
-                Cow::Owned(Json::Object(obj))
-            }
-            _ => Cow::Borrowed(body),
         }
     }
 
@@ -637,8 +649,19 @@ mod tests {
         c.keep_alive = Some("10m".into());
         let p = Provider::new("llm", c).unwrap();
         let body = p.body(&json!([]), None, None);
-        assert!(body.get("keep_alive").is_none());
-        assert_eq!(p.wire_body(&body)["keep_alive"], "10m");
+        let hashed: Json = serde_json::from_slice(&body.canonical).unwrap();
+        let sent: Json = serde_json::from_slice(&body.wire).unwrap();
+        assert!(hashed.get("keep_alive").is_none());
+        assert_eq!(sent["keep_alive"], "10m");
+        assert_eq!(sent["model"], hashed["model"]);
+        // Without transport fields the bytes sent are the bytes hashed.
+        let p = Provider::new("llm", config(ProviderKind::Openai)).unwrap();
+        let body = p.body(&json!([{"role": "user", "content": "hi"}]), None, None);
+        assert_eq!(body.wire, body.canonical);
+        assert!(
+            body.canonical
+                .starts_with(br#"{"messages":[{"content":"hi","role":"user"}],"model":"#)
+        );
     }
 
     #[test]

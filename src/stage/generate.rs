@@ -32,7 +32,7 @@ use super::{
 use crate::cache::key::{CALL_KEY_VERSION, CALLS_BUCKET};
 use crate::cache::{CallKey, Store};
 use crate::config::node::suggest;
-use crate::provider::{CallError, Provider, Reply};
+use crate::provider::{Body, CallError, Provider, Reply};
 use crate::record::Record;
 use crate::repair;
 
@@ -128,7 +128,7 @@ fn build(cx: &BuildContext) -> super::Built {
 struct Request<'r> {
     messages: Cow<'r, Json>,
     max_tokens: Option<u32>,
-    body: Json,
+    body: Body,
     key: blake3::Hash,
 }
 
@@ -214,7 +214,7 @@ impl Generate {
             key_version: CALL_KEY_VERSION,
             provider: self.provider.config.kind.name(),
             endpoint: self.provider.endpoint(),
-            body: &body,
+            body: &body.canonical,
         }
         .digest();
         Request {

@@ -98,7 +98,7 @@ pub trait Stage: Send + Sync {
 /// keeping between pieces only what it must (dedupe the keys it has seen, export its open
 /// files). Fed every record this way, it gives what [`Stage::run`] gives on all of them at
 /// once; the runner then never holds every record of a run in memory.
-pub trait Streamed {
+pub trait Streamed: Send {
     /// The next records, all after those pushed before in lineage order; returns the
     /// records this stage passes on.
     fn push(&mut self, records: Vec<Record>) -> Result<Vec<Record>, StageError>;

@@ -207,8 +207,44 @@ pub struct Provider {
     /// Calls in progress (sending, or waiting to retry), at most `concurrency`; shared by
     /// every stage that uses this provider.
     pub limit: Arc<Semaphore>,
+    /// Calls made ready (their record's task spawned) that have not yet started: what the
+    /// runner reads to start just enough documents to keep `limit` busy.
+    queue: Queue,
     /// Requests on the wire: the adaptive window and the per-minute limits.
     limits: Limits,
+}
+
+/// Calls waiting to start, counted from the moment they are made ready, and a signal when
+/// their number falls below the provider's concurrency.
+#[derive(Default)]
+struct Queue {
+    waiting: std::sync::atomic::AtomicUsize,
+    low: tokio::sync::Notify,
+}
+
+/// One call counted as waiting in its provider's queue until it starts (or is dropped).
+pub struct Queued(Option<Arc<Provider>>);
+
+impl Queued {
+    /// The call has started (or needs no sending): it no longer waits.
+    pub fn started(&mut self) {
+        if let Some(provider) = self.0.take() {
+            let before = provider
+                .queue
+                .waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            // Only crossing below the concurrency wakes the runner, not every call.
+            if before == provider.config.concurrency.max(1) {
+                provider.queue.low.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.started();
+    }
 }
 
 impl std::fmt::Debug for Provider {
@@ -292,6 +328,7 @@ impl Provider {
             endpoint: (wire.endpoint)(&config.base_url),
             transport_fields: (wire.transport_fields)(&config),
             limit: Arc::new(Semaphore::new(concurrency)),
+            queue: Queue::default(),
             limits: Limits::new(
                 concurrency,
                 config.requests_per_minute,
@@ -305,6 +342,28 @@ impl Provider {
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Count one more call as waiting to start, until the returned guard says it started.
+    pub fn enqueue(self: &Arc<Self>) -> Queued {
+        self.queue
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Queued(Some(self.clone()))
+    }
+
+    /// Whether fewer calls wait to start than the provider sends at once: more work is needed
+    /// for its limit to stay busy.
+    pub fn wants_more(&self) -> bool {
+        self.queue
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < self.config.concurrency.max(1)
+    }
+
+    /// Resolves once [`Provider::wants_more`] may have become true.
+    pub async fn wanting_more(&self) {
+        self.queue.low.notified().await;
     }
 
     /// The request body for these messages; `schema` is the JSON Schema the reply must match.
@@ -662,6 +721,40 @@ mod tests {
             body.canonical
                 .starts_with(br#"{"messages":[{"content":"hi","role":"user"}],"model":"#)
         );
+    }
+
+    #[test]
+    fn the_queue_wants_more_calls_until_it_holds_as_many_as_the_provider_sends_at_once() {
+        let p = Arc::new(Provider::new("llm", config(ProviderKind::Openai)).unwrap());
+        let concurrency = p.config.concurrency;
+        let mut queued: Vec<Queued> = (0..concurrency).map(|_| p.enqueue()).collect();
+        assert!(!p.wants_more());
+        let extra = p.enqueue();
+        // Starting one call leaves the queue as full as the limit: still nothing wanted.
+        queued[0].started();
+        assert!(!p.wants_more());
+        // Starting twice counts once; dropping an unstarted call counts as starting it.
+        queued[0].started();
+        assert!(!p.wants_more());
+        drop(extra);
+        assert!(p.wants_more());
+        // The crossing below the limit was signalled, once.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), p.wanting_more())
+                .await
+                .expect("the runner is woken when the queue falls below the limit");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), p.wanting_more())
+                    .await
+                    .is_err()
+            );
+        });
+        queued.clear();
+        assert!(p.wants_more());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, mpsc};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use super::{Run, RunError, StageOutcome};
@@ -285,17 +285,17 @@ impl Run<'_> {
             })
             .flatten();
 
-        // The rest run now, concurrently; enough documents are in flight to keep every
-        // provider's limit busy.
-        let room = layout
+        // The rest run now, concurrently. Documents start while the provider (the one that
+        // sends the most at once, when the stages use several) has fewer calls waiting to
+        // start than it sends at once: its limit stays busy, and only the documents that
+        // feed it are in memory. Documents whose calls are all cached add no waiting call, so
+        // a cap on the documents in flight bounds those.
+        let pacing = layout
             .region
             .iter()
             .filter_map(|&p| plan.stages[p].stage.provider())
-            .map(|p| p.config.concurrency.max(1))
-            .max()
-            .unwrap_or(1)
-            * 2
-            + 64;
+            .max_by_key(|p| p.config.concurrency);
+        let room = pacing.map_or(1, |p| p.config.concurrency.max(1)) * 2 + 64;
         let bar = shared.progress.add(
             indicatif::ProgressBar::new((documents.len() - kept) as u64).with_style(
                 indicatif::ProgressStyle::with_template(
@@ -305,26 +305,22 @@ impl Run<'_> {
                 .progress_chars("=> "),
             ),
         );
-        let pending: Vec<(usize, Vec<Record>)> = sources
+        let mut pending = sources
             .iter()
             .enumerate()
             .filter(|(i, _)| documents[*i].is_none())
             .map(|(i, source)| (i, by_source.remove(source).unwrap_or_default()))
-            .collect();
-        let mut stream =
-            futures::stream::iter(pending)
-                .map(|(i, records)| async move {
-                    (i, run_document(plan, layout, shared, records).await)
-                })
-                .buffer_unordered(room);
+            .collect::<Vec<_>>()
+            .into_iter()
+            .peekable();
+        let mut running = futures::stream::FuturesUnordered::new();
         let mut failure = None;
-        // On a failure, the documents in flight still finish (their calls are cached); the
-        // providers start no new call once the run is stopping.
-        while let Some((i, result)) = stream.next().await {
+        let streaming = streams.is_some();
+        let mut done = |(i, result): (usize, Result<Made, (String, StageError)>)| {
             bar.inc(1);
             match result {
                 Ok(mut made) => {
-                    if keep(shared, &keys[i], &mut made) && streams.is_some() {
+                    if keep(shared, &keys[i], &mut made) && streaming {
                         // Read back when the later stages are fed: held here, every
                         // document's records would be in memory at once.
                         made.records = Vec::new();
@@ -339,8 +335,36 @@ impl Run<'_> {
                     Some(_) => {}
                 },
             }
+        };
+        // On a failure, the documents in flight still finish (their calls are cached); the
+        // providers start no new call once the run is stopping.
+        loop {
+            while running.len() < room
+                && (running.is_empty() || pacing.is_none_or(|p| p.wants_more()))
+                && let Some((i, records)) = pending.next()
+            {
+                running.push(async move { (i, run_document(plan, layout, shared, records).await) });
+                // Run it up to its first wait, so that its calls count before the next
+                // document is considered.
+                if let Some(Some(finished)) = running.next().now_or_never() {
+                    done(finished);
+                }
+            }
+            let more = pending.peek().is_some();
+            let finished = match pacing {
+                Some(provider) if more => tokio::select! {
+                    finished = running.next() => finished,
+                    () = provider.wanting_more() => continue,
+                },
+                _ => running.next().await,
+            };
+            match finished {
+                Some(finished) => done(finished),
+                None if more => continue,
+                None => break,
+            }
         }
-        drop(stream);
+        drop(running);
         bar.finish_and_clear();
         if let Some((stage, err)) = failure {
             return Err(RunError::of_stage(&stage, err));

@@ -32,7 +32,7 @@ use super::{
 use crate::cache::key::{CALL_KEY_VERSION, CALLS_BUCKET};
 use crate::cache::{CallKey, Store};
 use crate::config::node::suggest;
-use crate::provider::{Body, CallError, Provider, Reply};
+use crate::provider::{Body, CallError, Provider, Queued, Reply};
 use crate::record::Record;
 use crate::repair;
 
@@ -252,6 +252,7 @@ impl Generate {
         &self,
         calls: &Calls,
         request: &Request<'_>,
+        queued: &mut Queued,
     ) -> Result<Option<Reply>, Resolution> {
         if calls.read_cache {
             let cached = calls
@@ -273,6 +274,7 @@ impl Generate {
         let Ok(_permit) = self.provider.limit.acquire().await else {
             return Err(Resolution::Interrupted);
         };
+        queued.started();
         if calls.stopping() {
             return Err(Resolution::Interrupted);
         }
@@ -314,14 +316,20 @@ impl Generate {
 
     /// Follow one record's requests to items or a rejection; `usage` gets every reply's
     /// token counts.
-    async fn resolve(&self, calls: &Calls, record: &Record, usage: &mut Vec<Reply>) -> Resolution {
+    async fn resolve(
+        &self,
+        calls: &Calls,
+        record: &Record,
+        usage: &mut Vec<Reply>,
+        mut queued: Queued,
+    ) -> Resolution {
         let mut request = match self.first_request(record) {
             Ok(r) => r,
             Err(e) => return Resolution::Fatal(e),
         };
         let (mut reasks, mut grows) = (0, 0);
         loop {
-            let reply = match self.fetch(calls, &request).await {
+            let reply = match self.fetch(calls, &request, &mut queued).await {
                 Ok(Some(reply)) => reply,
                 Ok(None) => return Resolution::Pending,
                 Err(resolution) => return resolution,
@@ -538,9 +546,12 @@ impl Stage for Generate {
                 while tasks.len() < room && next < input.len() && !calls.stopping() {
                     let (this, calls, input, i) =
                         (this.clone(), calls.clone(), input.clone(), next);
+                    // Counted as waiting from now, so the runner sees this document's calls
+                    // before it decides whether to start another.
+                    let queued = self.provider.enqueue();
                     tasks.spawn(async move {
                         let mut usage = Vec::new();
-                        let resolution = this.resolve(&calls, &input[i], &mut usage).await;
+                        let resolution = this.resolve(&calls, &input[i], &mut usage, queued).await;
                         (i, resolution, usage)
                     });
                     next += 1;

@@ -173,14 +173,15 @@ fn read_document(path: &Path, max_bytes: u64) -> Result<(String, String), String
         return Err("binary file (it contains NUL bytes)".to_owned());
     }
     let digest = blake3::hash(&bytes).to_hex().to_string();
-    let text = String::from_utf8(bytes)
+    let mut text = String::from_utf8(bytes)
         .map_err(|e| format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let text = if text.contains('\r') {
-        text.replace("\r\n", "\n")
-    } else {
-        text.to_owned()
-    };
+    // The bytes read become the text: copied only when there is something to take out.
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    if text.contains('\r') {
+        text = text.replace("\r\n", "\n");
+    }
     if text.trim().is_empty() {
         return Err("empty file".to_owned());
     }

@@ -115,10 +115,6 @@ impl<'a> CanonicalWriter<'a> {
         write_str(text, &mut self.0);
     }
 
-    pub fn value(&mut self, value: &Value) {
-        write_canonical(value, &mut self.0);
-    }
-
     /// Hand what is buffered to the hasher.
     pub fn finish(self) {
         self.0.finish();

@@ -56,6 +56,10 @@ struct Pattern {
     base: PathBuf,
     /// … and keep files matching this (`None`: every file under `base`).
     matcher: Option<globset::GlobMatcher>,
+    /// The pattern's folder parts below `base`, one matcher each, when every match lies at
+    /// that depth (no `**`): the walk enters only folders that can hold a match, so
+    /// `docs/*.md` reads no subfolder and `docs/{a,b}/*.md` no other folder. `None`: any.
+    folders: Option<Vec<globset::GlobMatcher>>,
 }
 
 fn build(cx: &BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -90,20 +94,37 @@ impl Pattern {
             return Ok(Pattern {
                 base: PathBuf::from(pattern),
                 matcher: None,
+                folders: None,
             });
         }
+        let glob = |text: &str| {
+            globset::GlobBuilder::new(text)
+                .literal_separator(true)
+                .build()
+                .map(|g| g.compile_matcher())
+        };
         // Walk from the longest folder prefix without glob characters.
+        let parts: Vec<&str> = pattern.split('/').collect();
+        let literal = parts.iter().take_while(|part| !is_glob(part)).count();
         let mut base = PathBuf::new();
-        for part in pattern.split('/') {
-            if is_glob(part) {
-                break;
-            }
+        for part in &parts[..literal] {
             base.push(if part.is_empty() { "/" } else { part });
         }
-        let matcher = globset::GlobBuilder::new(pattern)
-            .literal_separator(true)
-            .build()?
-            .compile_matcher();
+        let matcher = glob(pattern)?;
+        // The rest, folder by folder, unless a part can span folders: `**`, or a `/` inside
+        // `{…}` or `[…]`, where splitting at `/` would cut an alternative in two.
+        let below = &parts[literal..];
+        let folders = if below.iter().any(|part| part.contains("**")) || slash_in_group(pattern) {
+            None
+        } else {
+            let (_, folders) = below.split_last().unwrap_or((&"", &[]));
+            Some(
+                folders
+                    .iter()
+                    .map(|part| glob(part))
+                    .collect::<Result<_, _>>()?,
+            )
+        };
         Ok(Pattern {
             base: if base.as_os_str().is_empty() {
                 PathBuf::from(".")
@@ -111,7 +132,19 @@ impl Pattern {
                 base
             },
             matcher: Some(matcher),
+            folders,
         })
+    }
+
+    /// Whether the walk goes into this folder, `depth` levels below `base`.
+    fn enters(&self, depth: usize, name: &std::ffi::OsStr) -> bool {
+        match &self.folders {
+            None => true,
+            Some(folders) => depth
+                .checked_sub(1)
+                .and_then(|i| folders.get(i))
+                .is_some_and(|folder| folder.is_match(name)),
+        }
     }
 
     /// Matching files as (path to read, path relative to the base), sorted.
@@ -129,7 +162,10 @@ impl Pattern {
         let walk = walkdir::WalkDir::new(&self.base)
             .follow_links(true)
             .sort_by_file_name();
-        for entry in walk.into_iter().filter_map(Result::ok) {
+        let walk = walk.into_iter().filter_entry(|e| {
+            e.depth() == 0 || !e.file_type().is_dir() || self.enters(e.depth(), e.file_name())
+        });
+        for entry in walk.filter_map(Result::ok) {
             if !entry.file_type().is_file() {
                 continue;
             }
@@ -186,6 +222,22 @@ fn read_document(path: &Path, max_bytes: u64) -> Result<(String, String), String
         return Err("empty file".to_owned());
     }
     Ok((text, digest))
+}
+
+/// Whether a `/` sits inside a `{…}` or `[…]` group of a glob.
+fn slash_in_group(pattern: &str) -> bool {
+    let (mut braces, mut class) = (0usize, false);
+    for c in pattern.chars() {
+        match c {
+            '[' if !class => class = true,
+            ']' if class => class = false,
+            '{' if !class => braces += 1,
+            '}' if !class => braces = braces.saturating_sub(1),
+            '/' if class || braces > 0 => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 impl Load {
@@ -364,5 +416,39 @@ mod tests {
         let folder = Pattern::new(&root.display().to_string()).unwrap();
         let found: Vec<String> = folder.files().into_iter().map(|(_, r)| r).collect();
         assert_eq!(found, ["a.md", "b/c/d.md", "b/x.txt", "z.md"]);
+    }
+
+    #[test]
+    fn globs_without_double_star_enter_only_folders_that_can_hold_a_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("docs");
+        for f in [
+            "top.md", "a/x.md", "b/y.md", "c/z.md", "c/d/w.md", "ab/v.md",
+        ] {
+            let path = root.join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        let files = |glob: &str| -> Vec<String> {
+            let pattern = Pattern::new(&format!("{}/{glob}", root.display())).unwrap();
+            pattern.files().into_iter().map(|(_, r)| r).collect()
+        };
+        assert_eq!(files("{a,c}/*.md"), ["a/x.md", "c/z.md"]);
+        assert_eq!(files("*.md"), ["top.md"]);
+        assert_eq!(files("a*/*.md"), ["a/x.md", "ab/v.md"]);
+        assert_eq!(files("*/d/*.md"), ["c/d/w.md"]);
+        assert_eq!(files("{a/x,c/d/w}.md"), ["a/x.md", "c/d/w.md"]);
+        assert_eq!(files("**/w.md"), ["c/d/w.md"]);
+
+        let name = std::ffi::OsStr::new;
+        let pattern = Pattern::new("docs/{a,c}/*.md").unwrap();
+        assert!(pattern.enters(1, name("a")) && pattern.enters(1, name("c")));
+        assert!(!pattern.enters(1, name("b")) && !pattern.enters(2, name("d")));
+        let pattern = Pattern::new("docs/*.md").unwrap();
+        assert!(!pattern.enters(1, name("a")));
+        for glob in ["docs/**/*.md", "docs/{a/x,b}.md", "docs/[a/]/*.md"] {
+            let pattern = Pattern::new(glob).unwrap();
+            assert!(pattern.enters(3, name("anything")), "{glob}");
+        }
     }
 }

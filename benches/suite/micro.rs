@@ -88,19 +88,14 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     }
     // What `keg` does per call: the body's canonical JSON, made once (and sent as it is),
     // then the key: blake3 over those bytes with the key's other fields around them.
-    let (serialise_rate, _) = best_rate(
+    let canonical_bodies: Vec<Vec<u8>> = bodies.iter().map(canonical_json).collect();
+    let body_bytes = canonical_bodies.iter().map(Vec::len).sum::<usize>();
+    let (serialise_rate, _) = best_rate(body_bytes as f64, || {
         bodies
             .iter()
             .map(|b| canonical_json(b).len())
-            .sum::<usize>() as f64,
-        || {
-            bodies
-                .iter()
-                .map(|b| canonical_json(b).len())
-                .sum::<usize>()
-        },
-    );
-    let canonical_bodies: Vec<Vec<u8>> = bodies.iter().map(canonical_json).collect();
+            .sum::<usize>()
+    });
     let key = |body| CallKey {
         key_version: CALL_KEY_VERSION,
         provider: "openai",

@@ -111,13 +111,14 @@ impl Pattern {
             base.push(if part.is_empty() { "/" } else { part });
         }
         let matcher = glob(pattern)?;
-        // The rest, folder by folder, unless a part can span folders: `**`, or a `/` inside
-        // `{…}` or `[…]`, where splitting at `/` would cut an alternative in two.
+        // The folder parts after the base (all but the file name), one by one, unless a part
+        // can span folders: `**`, or a `/` inside `{…}` or `[…]`, where splitting at `/`
+        // would cut an alternative in two. `below` is never empty: some part is a glob.
         let below = &parts[literal..];
         let folders = if below.iter().any(|part| part.contains("**")) || slash_in_group(pattern) {
             None
         } else {
-            let (_, folders) = below.split_last().unwrap_or((&"", &[]));
+            let folders = &below[..below.len() - 1];
             Some(
                 folders
                     .iter()

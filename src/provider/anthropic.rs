@@ -30,11 +30,17 @@ pub fn endpoint(base_url: &str) -> String {
     format!("{base}/v1/messages")
 }
 
-fn authorize(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
-    let request = request.header("anthropic-version", API_VERSION);
-    match key {
-        Some(key) => request.header("x-api-key", key),
-        None => request,
+fn authorize(headers: &mut hyper::header::HeaderMap, key: Option<&str>) {
+    headers.insert(
+        "anthropic-version",
+        hyper::header::HeaderValue::from_static(API_VERSION),
+    );
+    if let Some(key) = key {
+        super::insert_secret(
+            headers,
+            hyper::header::HeaderName::from_static("x-api-key"),
+            key,
+        );
     }
 }
 

@@ -2,6 +2,7 @@
 //! one line in [`ProviderKind::wire`]), and how a call is sent: limits, retries, errors.
 
 pub mod anthropic;
+pub mod http;
 pub mod limits;
 pub mod ollama;
 pub mod openai;
@@ -10,6 +11,7 @@ pub mod retry;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::header::HeaderMap;
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -122,8 +124,8 @@ pub struct Wire {
     pub body: fn(&ProviderConfig, &Json, Option<&Json>, Option<u32>) -> Json,
     /// Fields sent but left out of the cache key because they cannot change the answer.
     pub transport_fields: fn(&ProviderConfig) -> serde_json::Map<String, Json>,
-    /// Adds the key (when there is one) and the API's fixed headers.
-    pub authorize: fn(reqwest::RequestBuilder, Option<&str>) -> reqwest::RequestBuilder,
+    /// Adds the key (when there is one, marked sensitive) and the API's fixed headers.
+    pub authorize: fn(&mut HeaderMap, Option<&str>),
     pub parse_reply: fn(&str) -> Result<Reply, String>,
 }
 
@@ -197,12 +199,9 @@ pub struct Provider {
     pub name: String,
     /// The config as written, with `base_url` and `api_key_env` resolved to what is used.
     pub config: ProviderConfig,
-    client: reqwest::Client,
+    transport: http::Transport,
     api_key: Option<String>,
     endpoint: String,
-    /// The endpoint parsed once, not per request; `None` when it does not parse (each request
-    /// then fails with the URL error, as before).
-    url: Option<reqwest::Url>,
     transport_fields: serde_json::Map<String, Json>,
     /// Calls in progress (sending, or waiting to retry), at most `concurrency`; shared by
     /// every stage that uses this provider.
@@ -300,11 +299,11 @@ impl Provider {
                 ));
             }
         }
-        let headers = match header_map(name, &config.headers) {
+        let mut headers = match header_map(name, &config.headers) {
             Ok(h) => h,
             Err(mut e) => {
                 problems.append(&mut e);
-                reqwest::header::HeaderMap::new()
+                HeaderMap::new()
             }
         };
         if !problems.is_empty() {
@@ -314,18 +313,18 @@ impl Provider {
             .ok()
             .filter(|key| !key.trim().is_empty());
         let concurrency = config.concurrency.max(1);
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(config.timeout_secs.max(1)))
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(concurrency)
-            .default_headers(headers)
-            .user_agent(concat!("keg/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("provider `{name}`: cannot build an HTTP client: {e}"))?;
+        (wire.authorize)(&mut headers, api_key.as_deref());
+        let endpoint = (wire.endpoint)(&config.base_url);
+        let transport = http::Transport::new(
+            &endpoint,
+            headers,
+            Duration::from_secs(config.timeout_secs.max(1)),
+            concurrency,
+        )
+        .map_err(|e| format!("provider `{name}`: {e}"))?;
         Ok(Provider {
             name: name.to_owned(),
-            url: reqwest::Url::parse(&(wire.endpoint)(&config.base_url)).ok(),
-            endpoint: (wire.endpoint)(&config.base_url),
+            endpoint,
             transport_fields: (wire.transport_fields)(&config),
             limit: Arc::new(Semaphore::new(concurrency)),
             queue: Queue::default(),
@@ -335,7 +334,7 @@ impl Provider {
                 config.tokens_per_minute,
             ),
             config,
-            client,
+            transport,
             api_key,
         })
     }
@@ -441,25 +440,12 @@ impl Provider {
     }
 
     async fn send_once(&self, body: &bytes::Bytes) -> Attempt {
-        let request = match &self.url {
-            Some(url) => self.client.post(url.clone()),
-            None => self.client.post(&self.endpoint),
+        let answer = match self.transport.post(body.clone()).await {
+            Ok(answer) => answer,
+            Err(failure) => return self.transport_failure(failure),
         };
-        let request = request
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone());
-        let request = (self.config.kind.wire().authorize)(request, self.api_key.as_deref());
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(err) => return self.transport_failure(&err),
-        };
-        let status = response.status().as_u16();
-        let wait = retry::asked_wait(response.headers(), std::time::SystemTime::now());
-        let bytes = match response.bytes().await {
-            Ok(b) => b,
-            Err(err) => return self.transport_failure(&err),
-        };
-        let text = String::from_utf8_lossy(&bytes);
+        let status = answer.status;
+        let text = String::from_utf8_lossy(&answer.body);
         if (200..300).contains(&status) {
             return match (self.config.kind.wire().parse_reply)(&text) {
                 Ok(reply) => Attempt::Done(reply),
@@ -473,25 +459,36 @@ impl Provider {
         let message = self.redact(server_message(&text));
         if retry::is_transient(status) {
             Attempt::Retry {
-                wait,
+                wait: retry::asked_wait(&answer.headers, std::time::SystemTime::now()),
                 last: format!("HTTP {status}: {message}"),
                 overloaded: retry::is_overload(status),
             }
+        } else if (300..400).contains(&status) {
+            let to = answer
+                .headers
+                .get(hyper::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("elsewhere");
+            let message = format!(
+                "{} redirects to {to}: set `base_url` to the address requests should go to",
+                self.endpoint
+            );
+            Attempt::Fatal(status, self.redact(message))
         } else {
             Attempt::Fatal(status, self.explain(status, message))
         }
     }
 
-    fn transport_failure(&self, err: &reqwest::Error) -> Attempt {
-        let last = if err.is_timeout() {
-            format!(
+    fn transport_failure(&self, failure: http::Failure) -> Attempt {
+        let last = match failure {
+            http::Failure::Timeout => format!(
                 "no answer within {} s (`timeout_secs`)",
                 self.config.timeout_secs
-            )
-        } else if err.is_connect() {
-            format!("cannot connect to {}: {}", self.endpoint, root_cause(err))
-        } else {
-            format!("the connection failed: {}", root_cause(err))
+            ),
+            http::Failure::Connect(cause) => {
+                format!("cannot connect to {}: {cause}", self.endpoint)
+            }
+            http::Failure::Broken(cause) => format!("the connection failed: {cause}"),
         };
         Attempt::Retry {
             wait: None,
@@ -535,9 +532,9 @@ enum Attempt {
 fn header_map(
     provider: &str,
     headers: &IndexMap<String, String>,
-) -> Result<reqwest::header::HeaderMap, Vec<String>> {
-    use reqwest::header::{HeaderName, HeaderValue};
-    let mut map = reqwest::header::HeaderMap::new();
+) -> Result<HeaderMap, Vec<String>> {
+    use hyper::header::{HeaderName, HeaderValue};
+    let mut map = HeaderMap::new();
     let mut problems = Vec::new();
     for (name, value) in headers {
         if SECRET_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
@@ -611,10 +608,24 @@ fn server_message(text: &str) -> String {
 }
 
 /// `Authorization: Bearer KEY` when there is a key (OpenAI-compatible servers, Ollama).
-pub fn bearer(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
-    match key {
-        Some(key) => request.bearer_auth(key),
-        None => request,
+/// `Authorization: Bearer <key>`, when there is a key.
+pub fn bearer(headers: &mut HeaderMap, key: Option<&str>) {
+    if let Some(key) = key {
+        insert_secret(
+            headers,
+            hyper::header::AUTHORIZATION,
+            &format!("Bearer {key}"),
+        );
+    }
+}
+
+/// A header carrying a key: marked sensitive, so no debug output or HTTP/2 table keeps it.
+/// A key that cannot go in a header (a line break in the variable) is left out; the server
+/// then answers 401, and the error names the variable.
+pub fn insert_secret(headers: &mut HeaderMap, name: hyper::header::HeaderName, value: &str) {
+    if let Ok(mut value) = hyper::header::HeaderValue::from_str(value) {
+        value.set_sensitive(true);
+        headers.insert(name, value);
     }
 }
 

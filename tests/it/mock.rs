@@ -255,6 +255,8 @@ struct Shared {
     behavior: Behavior,
     log: Mutex<Log>,
     in_flight: AtomicUsize,
+    /// TCP connections accepted so far.
+    connections: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -279,10 +281,12 @@ impl MockLlm {
             behavior,
             log: Mutex::new(Log::default()),
             in_flight: AtomicUsize::new(0),
+            connections: Arc::default(),
         });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<io::Result<SocketAddr>>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let app = router(shared.clone());
+        let connections = shared.connections.clone();
         let thread = std::thread::Builder::new()
             .name("mock-llm".into())
             .spawn(move || {
@@ -307,7 +311,7 @@ impl MockLlm {
                         }
                     };
                     let _ = addr_tx.send(listener.local_addr());
-                    let listener = ResettableListener(listener);
+                    let listener = ResettableListener(listener, connections);
                     let app = app.into_make_service_with_connect_info::<Connection>();
                     // Not a graceful shutdown: in-flight requests (possibly sleeping for a long
                     // latency) are abandoned, and dropping the runtime below cancels their tasks.
@@ -402,6 +406,11 @@ impl MockLlm {
         self.shared.log().max_in_flight
     }
 
+    /// TCP connections accepted since the start (not cleared by [`MockLlm::reset`]).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
     /// When each LLM request arrived, in arrival order.
     pub fn arrivals(&self) -> Vec<Instant> {
         self.shared.log().arrivals.clone()
@@ -452,7 +461,7 @@ impl Connection {
     }
 }
 
-struct ResettableListener(TcpListener);
+struct ResettableListener(TcpListener, Arc<AtomicUsize>);
 
 impl axum::serve::Listener for ResettableListener {
     type Io = ResettableStream;
@@ -462,6 +471,7 @@ impl axum::serve::Listener for ResettableListener {
         loop {
             match self.0.accept().await {
                 Ok((tcp, _)) => {
+                    self.1.fetch_add(1, Ordering::SeqCst);
                     let _ = tcp.set_nodelay(true);
                     let connection = Connection::default();
                     let stream = ResettableStream {

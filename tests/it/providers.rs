@@ -641,3 +641,90 @@ fn requests_per_minute_spaces_requests() {
         assert!(within <= 8, "{within} requests within a second");
     }
 }
+
+#[test]
+fn calls_share_connections_kept_open() {
+    let ws = many_docs_workspace(10);
+    let mock = MockLlm::start(Behavior::default());
+    let output = run_shipped(&ws, &mock, Kind::OpenAi, &[("concurrency", "2")]);
+    assert_ok(&output);
+    assert_eq!(mock.requests(), 30);
+    // One connection per request in flight, each kept open for the next request.
+    assert!(
+        mock.connections() <= 2,
+        "30 calls at concurrency 2 opened {} connections",
+        mock.connections()
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_named_in_each_reject() {
+    let ws = docs_workspace();
+    let mock = MockLlm::start(Behavior::default());
+    // A port nothing listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let pipeline = shipped_with_provider_fields(&ws, &["retry_delay_ms: 5", "max_retries: 1"]);
+    let output = run_with(
+        &ws,
+        &pipeline,
+        &mock,
+        Kind::OpenAi,
+        &[("base_url", &base_url)],
+        &[],
+    );
+    assert_ok(&output);
+    let rejects = rejects(&ws);
+    assert_eq!(rejects.len(), 12, "{}", stderr(&output));
+    for reject in &rejects {
+        assert_eq!(
+            reject["reason"],
+            format!(
+                "the call failed after 2 attempts: cannot connect to {base_url}/chat/completions: \
+                 Connection refused (os error 111)"
+            ),
+            "{reject}"
+        );
+    }
+    assert_eq!(mock.requests(), 0);
+}
+
+#[test]
+fn a_redirect_stops_the_run_and_names_where_it_points() {
+    let ws = docs_workspace();
+    let mock = MockLlm::start(Behavior::default());
+    // A server that answers every request with a redirect.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}/v1", server.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in server.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0; 65536];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                b"HTTP/1.1 308 Permanent Redirect\r\nlocation: https://llm.example/v1/chat/completions\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    let pipeline = shipped_with_provider_fields(&ws, &["retry_delay_ms: 5"]);
+    let output = run_with(
+        &ws,
+        &pipeline,
+        &mock,
+        Kind::OpenAi,
+        &[("base_url", &base_url)],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains(&format!(
+            "the server answered 308: {base_url}/chat/completions redirects to \
+             https://llm.example/v1/chat/completions: set `base_url` to the address requests \
+             should go to"
+        )),
+        "{err}"
+    );
+}

@@ -2,7 +2,7 @@
 //! by a thread of its own, so that no call waits for the disk and several `keg` processes
 //! can share one cache at once (SQLite locks the file for them; readers never wait).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +37,12 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (bucket, key)
 )";
 const SELECT: &str = "SELECT value FROM entries WHERE bucket = ?1 AND key = ?2";
+/// How often the keys other processes wrote are read in: a key another process wrote less
+/// than this long ago may be missed once (its call is sent again, and both replies are valid).
+const CATCH_UP: Duration = Duration::from_millis(50);
+/// Keys of one bucket known in memory at most (about 40 MB); a bigger bucket is looked up in
+/// the database key by key.
+const MAX_KNOWN: usize = 2_000_000;
 const UPSERT: &str = "INSERT OR REPLACE INTO entries (bucket, key, value) VALUES (?1, ?2, ?3)";
 
 /// Entries in one SQLite database (`<root>/cache-v2.sqlite`), keyed by bucket and blake3
@@ -49,8 +55,22 @@ pub struct DiskStore {
     /// Idle read connections: one per thread reading at the same moment.
     readers: Mutex<Vec<Connection>>,
     pending: Arc<Pending>,
+    /// Bucket → the keys the database holds, for buckets looked up so far.
+    known: Mutex<HashMap<String, Known>>,
     sender: Option<mpsc::Sender<Message>>,
     writer: Option<JoinHandle<()>>,
+}
+
+/// The keys one bucket holds, as their first 8 bytes: a lookup of a key the cache does not
+/// hold (every call of a new document) is answered here, without a read of the database,
+/// which costs more than anything else in a lookup (WAL locks, and pages re-read after every
+/// commit). A prefix found here still goes to the database, which has the last word.
+struct Known {
+    /// `None`: the bucket holds more than [`MAX_KNOWN`] keys; every lookup reads the database.
+    prefixes: Option<HashSet<u64>>,
+    /// The highest row read in; rows above it were written since.
+    through: i64,
+    caught_up: Instant,
 }
 
 /// Entries handed to the writer and not yet committed, so that `get` sees them at once, and
@@ -102,6 +122,7 @@ impl DiskStore {
             path,
             readers: Mutex::new(Vec::new()),
             pending,
+            known: Mutex::new(HashMap::new()),
             sender: Some(sender),
             writer: Some(writer),
         })
@@ -156,6 +177,42 @@ impl DiskStore {
         Ok(removed)
     }
 
+    /// Whether the database may hold `key`: `false` only when it certainly does not.
+    fn may_hold(&self, bucket: &str, key: &[u8; 32]) -> io::Result<bool> {
+        let wanted = prefix(key);
+        let mut known = lock(&self.known);
+        if !known.contains_key(bucket) {
+            let mut loaded = self.with_reader(|conn| Known::load(conn, bucket))?;
+            // Puts not yet committed are not in the database's answer.
+            if let Some(pending) = lock(&self.pending.entries).get(bucket) {
+                pending.keys().for_each(|key| loaded.insert(prefix(key)));
+            }
+            known.insert(bucket.to_owned(), loaded);
+        }
+        let Some(bucket_known) = known.get_mut(bucket) else {
+            return Ok(true);
+        };
+        if bucket_known.holds(wanted) {
+            return Ok(true);
+        }
+        if bucket_known.caught_up.elapsed() < CATCH_UP {
+            return Ok(false);
+        }
+        self.with_reader(|conn| bucket_known.catch_up(conn, bucket))?;
+        Ok(bucket_known.holds(wanted))
+    }
+
+    /// Run `read` on an idle read connection.
+    fn with_reader<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> io::Result<T> {
+        let conn = self.reader()?;
+        let result = read(&conn).map_err(sql);
+        lock(&self.readers).push(conn);
+        result
+    }
+
     fn reader(&self) -> io::Result<Connection> {
         match lock(&self.readers).pop() {
             Some(conn) => Ok(conn),
@@ -172,17 +229,14 @@ impl Store for DiskStore {
         {
             return Ok(Some(value.to_vec()));
         }
-        let conn = self.reader()?;
-        let value = conn
-            .prepare_cached(SELECT)
-            .and_then(|mut statement| {
-                statement
-                    .query_row(params![bucket, &key.as_bytes()[..]], |row| row.get(0))
-                    .optional()
-            })
-            .map_err(sql);
-        lock(&self.readers).push(conn);
-        value
+        if !self.may_hold(bucket, key.as_bytes())? {
+            return Ok(None);
+        }
+        self.with_reader(|conn| {
+            conn.prepare_cached(SELECT)?
+                .query_row(params![bucket, &key.as_bytes()[..]], |row| row.get(0))
+                .optional()
+        })
     }
 
     fn put(&self, bucket: &str, key: &blake3::Hash, value: &[u8]) -> io::Result<()> {
@@ -193,6 +247,10 @@ impl Store for DiskStore {
             .entry(bucket.to_owned())
             .or_default()
             .insert(*key.as_bytes(), (seq, value.clone()));
+        // Known before it is committed: once committed it leaves `pending`.
+        if let Some(known) = lock(&self.known).get_mut(bucket) {
+            known.insert(prefix(key.as_bytes()));
+        }
         let message = Message::Put {
             bucket: bucket.to_owned(),
             key: *key.as_bytes(),
@@ -225,6 +283,77 @@ impl Drop for DiskStore {
             let _ = writer.join();
         }
     }
+}
+
+impl Known {
+    /// Every key of `bucket`, read in one transaction with the highest row at that moment.
+    fn load(conn: &Connection, bucket: &str) -> rusqlite::Result<Known> {
+        let tx = conn.unchecked_transaction()?;
+        let through = tx.query_row("SELECT COALESCE(MAX(rowid), 0) FROM entries", [], |row| {
+            row.get(0)
+        })?;
+        let mut prefixes = Some(HashSet::new());
+        {
+            // The (bucket, key) index alone answers this; no value is read.
+            let mut statement = tx.prepare("SELECT key FROM entries WHERE bucket = ?1")?;
+            let mut rows = statement.query(params![bucket])?;
+            while let Some(row) = rows.next()? {
+                let Some(set) = prefixes.as_mut() else {
+                    break;
+                };
+                if set.len() == MAX_KNOWN {
+                    prefixes = None;
+                    break;
+                }
+                set.insert(prefix(row.get_ref(0)?.as_blob()?));
+            }
+        }
+        tx.commit()?;
+        Ok(Known {
+            prefixes,
+            through,
+            caught_up: Instant::now(),
+        })
+    }
+
+    /// Read in the keys of `bucket` written since (by this process or another).
+    fn catch_up(&mut self, conn: &Connection, bucket: &str) -> rusqlite::Result<()> {
+        // `+bucket`: walk the rows after `through`, not the bucket's whole index.
+        let mut statement = conn.prepare_cached(
+            "SELECT rowid, key FROM entries WHERE rowid > ?1 AND +bucket = ?2",
+        )?;
+        let mut rows = statement.query(params![self.through, bucket])?;
+        while let Some(row) = rows.next()? {
+            self.through = self.through.max(row.get(0)?);
+            self.insert(prefix(row.get_ref(1)?.as_blob()?));
+        }
+        self.caught_up = Instant::now();
+        Ok(())
+    }
+
+    fn holds(&self, prefix: u64) -> bool {
+        self.prefixes
+            .as_ref()
+            .is_none_or(|set| set.contains(&prefix))
+    }
+
+    fn insert(&mut self, prefix: u64) {
+        if let Some(set) = self.prefixes.as_mut() {
+            if set.len() == MAX_KNOWN {
+                self.prefixes = None;
+            } else {
+                set.insert(prefix);
+            }
+        }
+    }
+}
+
+/// The first 8 bytes of a key (blake3 output: evenly spread), or of what a foreign row holds.
+fn prefix(key: &[u8]) -> u64 {
+    let mut first = [0; 8];
+    let n = key.len().min(8);
+    first[..n].copy_from_slice(&key[..n]);
+    u64::from_le_bytes(first)
 }
 
 impl Pending {
@@ -437,6 +566,45 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_another_process_writes_are_found_and_missing_keys_are_answered_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = DiskStore::open(dir.path()).unwrap();
+        let there = DiskStore::open(dir.path()).unwrap();
+        let (old, new, never) = (
+            blake3::hash(b"old"),
+            blake3::hash(b"new"),
+            blake3::hash(b"-"),
+        );
+        there.put("calls-v1", &old, b"1").unwrap();
+        there.flush().unwrap();
+        // The first lookup reads the bucket's keys in.
+        assert_eq!(
+            here.get("calls-v1", &old).unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(here.get("calls-v1", &never).unwrap(), None);
+        assert!(!here.may_hold("calls-v1", never.as_bytes()).unwrap());
+        // Written by the other process after that: found once the reader catches up.
+        there.put("calls-v1", &new, b"2").unwrap();
+        there.flush().unwrap();
+        std::thread::sleep(CATCH_UP * 2);
+        assert_eq!(
+            here.get("calls-v1", &new).unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        // This process's own puts are known at once, committed or not.
+        here.put("calls-v1", &never, b"3").unwrap();
+        assert!(here.may_hold("calls-v1", never.as_bytes()).unwrap());
+        here.flush().unwrap();
+        assert_eq!(
+            here.get("calls-v1", &never).unwrap().as_deref(),
+            Some(&b"3"[..])
+        );
+        // Another bucket is read in on its own.
+        assert_eq!(here.get("records-v1", &old).unwrap(), None);
+    }
 
     #[test]
     fn put_then_get_and_markers() {

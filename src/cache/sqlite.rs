@@ -25,8 +25,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most messages taken into one transaction.
 const BATCH: usize = 1024;
 /// How long the writer gathers entries before it commits them (a flush commits at once).
-/// Each commit costs file locks and a WAL write; a killed process loses at most this much.
-const GATHER: Duration = Duration::from_millis(5);
+/// Keys are random, so each entry lands on its own page of the key index, and a commit
+/// writes every page it touched whole (16 KB) to the WAL, and later to the file: entries
+/// gathered longer share pages. 25 ms cut the writer's CPU by a third against 5 ms at 512
+/// calls in flight (50 ms gained little more). A killed process loses at most this much.
+const GATHER: Duration = Duration::from_millis(25);
 
 const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by keg.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
 
@@ -48,7 +51,7 @@ const UPSERT: &str = "INSERT OR REPLACE INTO entries (bucket, key, value) VALUES
 /// Entries in one SQLite database (`<root>/cache-v2.sqlite`), keyed by bucket and blake3
 /// key. `put` hands the entry to the writer thread and returns; each batch is one
 /// transaction, so a killed process leaves whole entries or none, and loses at most the
-/// batch being gathered (calls finished in the last few milliseconds).
+/// batch being gathered (calls finished in the last [`GATHER`]).
 pub struct DiskStore {
     root: PathBuf,
     path: PathBuf,
@@ -319,9 +322,8 @@ impl Known {
     /// Read in the keys of `bucket` written since (by this process or another).
     fn catch_up(&mut self, conn: &Connection, bucket: &str) -> rusqlite::Result<()> {
         // `+bucket`: walk the rows after `through`, not the bucket's whole index.
-        let mut statement = conn.prepare_cached(
-            "SELECT rowid, key FROM entries WHERE rowid > ?1 AND +bucket = ?2",
-        )?;
+        let mut statement = conn
+            .prepare_cached("SELECT rowid, key FROM entries WHERE rowid > ?1 AND +bucket = ?2")?;
         let mut rows = statement.query(params![self.through, bucket])?;
         while let Some(row) = rows.next()? {
             self.through = self.through.max(row.get(0)?);

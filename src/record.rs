@@ -83,6 +83,11 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
     out
 }
 
+/// Canonical JSON of `value`, appended to `out`.
+pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
+    write_canonical(value, out);
+}
+
 pub fn canonical_hash(value: &Value) -> blake3::Hash {
     let mut hasher = blake3::Hasher::new();
     write_canonical_into(value, &mut hasher);

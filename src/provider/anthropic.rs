@@ -18,6 +18,8 @@ pub const WIRE: Wire = Wire {
     default_key_env: "ANTHROPIC_API_KEY",
     endpoint,
     body,
+    // System messages move to the top-level `system`.
+    messages_as_given: false,
     transport_fields: |_| serde_json::Map::new(),
     authorize,
     parse_reply,

@@ -122,6 +122,9 @@ pub struct Wire {
     /// The request body: everything that decides the answer, and nothing secret (it is the
     /// cache key).
     pub body: fn(&ProviderConfig, &Json, Option<&Json>, Option<u32>) -> Json,
+    /// Whether `body` puts the messages in the body as they are given (the schema always
+    /// is): they are then written straight into the body's bytes (see [`Provider::body`]).
+    pub messages_as_given: bool,
     /// Fields sent but left out of the cache key because they cannot change the answer.
     pub transport_fields: fn(&ProviderConfig) -> serde_json::Map<String, Json>,
     /// Adds the key (when there is one, marked sensitive) and the API's fixed headers.
@@ -365,28 +368,71 @@ impl Provider {
         self.queue.low.notified().await;
     }
 
-    /// The request body for these messages; `schema` is the JSON Schema the reply must match.
-    /// Serialised once, here, to canonical JSON: the call key hashes those bytes and the same
-    /// bytes are sent (every attempt), so no body is walked twice or kept as a `Value`.
-    pub fn body(&self, messages: &Json, schema: Option<&Json>, max_tokens: Option<u32>) -> Body {
-        let value = (self.config.kind.wire().body)(&self.config, messages, schema, max_tokens);
-        let canonical = bytes::Bytes::from(crate::record::canonical_json(&value));
-        let wire = match &value {
+    /// The request body for these messages; `schema` is the canonical JSON of the JSON Schema
+    /// the reply must match. Serialised once, here, to canonical JSON: the call key hashes
+    /// those bytes and the same bytes are sent (every attempt), so no body is walked twice or
+    /// kept as a `Value`.
+    ///
+    /// The wire builds only the frame of the body, with stand-ins for the schema and (when it
+    /// takes them as given) the messages; their canonical JSON is written in place of the
+    /// stand-ins. Canonical JSON of a whole is the canonical JSON of its parts put together,
+    /// so the bytes are those of the whole body, without copying the messages into a `Value`
+    /// or writing the schema per call.
+    pub fn body(&self, messages: &Json, schema: Option<&[u8]>, max_tokens: Option<u32>) -> Body {
+        let wire = self.config.kind.wire();
+        let stand_in = Json::String(MESSAGES_MARK.0.into());
+        let frame = (wire.body)(
+            &self.config,
+            if wire.messages_as_given {
+                &stand_in
+            } else {
+                messages
+            },
+            schema.map(|_| Json::String(SCHEMA_MARK.0.into())).as_ref(),
+            max_tokens,
+        );
+        let mut written = Vec::new();
+        let mut parts = Vec::with_capacity(2);
+        if wire.messages_as_given {
+            written.reserve(4096);
+            crate::record::write_canonical_json(messages, &mut written);
+            parts.push((MESSAGES_MARK.1, &written[..]));
+        }
+        parts.extend(schema.map(|schema| (SCHEMA_MARK.1, schema)));
+        if let Some(body) = self.finish(&frame, &parts) {
+            return body;
+        }
+        // A stand-in's text was in the frame already (a message holding it): build it whole.
+        let schema = schema.and_then(|s| serde_json::from_slice::<Json>(s).ok());
+        let whole = (wire.body)(&self.config, messages, schema.as_ref(), max_tokens);
+        self.finish(&whole, &[])
+            .expect("a body without stand-ins has nothing to fill")
+    }
+
+    /// The body from its frame with `parts` filled in; `None` when a stand-in is found more
+    /// than once.
+    fn finish(&self, frame: &Json, parts: &[(&[u8], &[u8])]) -> Option<Body> {
+        let canonical = fill(&crate::record::canonical_json(frame), parts)?;
+        let sent = match frame {
             Json::Object(obj) if !self.transport_fields.is_empty() => {
                 let mut obj = obj.clone();
                 for (k, v) in &self.transport_fields {
                     obj.insert(k.clone(), v.clone());
                 }
-                bytes::Bytes::from(crate::record::canonical_json(&Json::Object(obj)))
+                Some(fill(
+                    &crate::record::canonical_json(&Json::Object(obj)),
+                    parts,
+                )?)
             }
-            _ => canonical.clone(),
+            _ => None,
         };
-        let tokens = estimated_tokens(&value, wire.len());
-        Body {
+        let canonical = bytes::Bytes::from(canonical);
+        let wire = sent.map_or_else(|| canonical.clone(), bytes::Bytes::from);
+        Some(Body {
+            tokens: estimated_tokens(frame, wire.len()),
             canonical,
             wire,
-            tokens,
-        }
+        })
     }
 
     /// How many requests this provider currently sends at once (the adaptive window).
@@ -567,6 +613,41 @@ fn header_map(
     }
 }
 
+/// Stand-ins for the parts of a body written apart (see [`Provider::body`]), and how
+/// canonical JSON writes them. A string starting with NUL appears in no configuration a
+/// frame is built from.
+const MESSAGES_MARK: (&str, &[u8]) = ("\u{0}keg:messages", br#""\u0000keg:messages""#);
+const SCHEMA_MARK: (&str, &[u8]) = ("\u{0}keg:schema", br#""\u0000keg:schema""#);
+
+/// `frame` with each stand-in (as canonical JSON writes it) replaced by its part; `None`
+/// when one is found more than once, and which is the stand-in cannot be told.
+fn fill(frame: &[u8], parts: &[(&[u8], &[u8])]) -> Option<Vec<u8>> {
+    let mut found: Vec<(usize, usize, &[u8])> = Vec::with_capacity(parts.len());
+    for (quoted, part) in parts {
+        let mut at = frame
+            .windows(quoted.len())
+            .enumerate()
+            .filter(|(_, w)| w == quoted)
+            .map(|(i, _)| i);
+        if let Some(first) = at.next() {
+            if at.next().is_some() {
+                return None;
+            }
+            found.push((first, quoted.len(), part));
+        }
+    }
+    found.sort_unstable_by_key(|(at, ..)| *at);
+    let mut out = Vec::with_capacity(frame.len() + found.iter().map(|f| f.2.len()).sum::<usize>());
+    let mut from = 0;
+    for (at, len, part) in found {
+        out.extend_from_slice(&frame[from..at]);
+        out.extend_from_slice(part);
+        from = at + len;
+    }
+    out.extend_from_slice(&frame[from..]);
+    Some(out)
+}
+
 /// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 (`chars`: the
 /// length of the body as sent) plus the reply's budget (servers count the budget against the
 /// limit before the reply exists).
@@ -732,6 +813,58 @@ mod tests {
             body.canonical
                 .starts_with(br#"{"messages":[{"content":"hi","role":"user"}],"model":"#)
         );
+    }
+
+    #[test]
+    fn bodies_are_the_canonical_json_of_the_whole_body_for_every_wire() {
+        // How canonical JSON writes the stand-ins, as `fill` looks for them.
+        for (mark, quoted) in [MESSAGES_MARK, SCHEMA_MARK] {
+            assert_eq!(crate::record::canonical_json(&json!(mark)), quoted);
+        }
+        let messages = json!([
+            {"role": "system", "content": "Reply in JSON.\n\u{0}keg:schema \"quoted\""},
+            {"role": "user", "content": "Two pairs about é and 🦀.", "name": "u"}
+        ]);
+        // A message that is exactly a stand-in: the body is then built whole.
+        let forged = json!([{"role": "system", "content": SCHEMA_MARK.0}, {"role": "user", "content": "hi"}]);
+        let schema = json!({"type": "object", "required": ["pairs"], "properties": {
+            "pairs": {"type": "array", "items": {"type": "string"}}}});
+        for kind in [
+            ProviderKind::Openai,
+            ProviderKind::Ollama,
+            ProviderKind::Anthropic,
+        ] {
+            let mut c = config(kind);
+            c.base_url = "http://h:1".into();
+            c.temperature = Some(0.7);
+            c.seed = Some(3);
+            if kind == ProviderKind::Ollama {
+                c.keep_alive = Some("10m".into());
+                c.num_ctx = Some(4096);
+            }
+            let p = Provider::new("llm", c.clone()).unwrap();
+            for (messages, schema, max_tokens) in [
+                (&messages, None, None),
+                (&messages, Some(&schema), Some(300)),
+                (&forged, Some(&schema), None),
+            ] {
+                let whole = (kind.wire().body)(&c, messages, schema, max_tokens);
+                let canonical =
+                    crate::record::canonical_json(&schema.map_or(json!(null), |s| s.clone()));
+                let body = p.body(messages, schema.map(|_| &canonical[..]), max_tokens);
+                assert_eq!(
+                    String::from_utf8_lossy(&body.canonical),
+                    String::from_utf8_lossy(&crate::record::canonical_json(&whole)),
+                    "{kind:?}"
+                );
+                let mut sent = whole.clone();
+                for (k, v) in (kind.wire().transport_fields)(&c) {
+                    sent.as_object_mut().unwrap().insert(k, v);
+                }
+                assert_eq!(body.wire, crate::record::canonical_json(&sent), "{kind:?}");
+                assert_eq!(body.tokens, estimated_tokens(&whole, body.wire.len()));
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub const WIRE: Wire = Wire {
     default_key_env: "OLLAMA_API_KEY",
     endpoint,
     body,
+    // Each message's content parts are joined into one string.
+    messages_as_given: false,
     transport_fields,
     // Ollama's own server needs no key; its cloud and authenticating proxies take a bearer.
     authorize: super::bearer,

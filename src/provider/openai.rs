@@ -13,6 +13,7 @@ pub const WIRE: Wire = Wire {
     default_key_env: "OPENAI_API_KEY",
     endpoint,
     body,
+    messages_as_given: true,
     transport_fields: |_| serde_json::Map::new(),
     authorize: super::bearer,
     parse_reply,

@@ -207,7 +207,7 @@ impl Generate {
     fn request<'r>(&self, messages: Cow<'r, Json>, max_tokens: Option<u32>) -> Request<'r> {
         let body = self.provider.body(
             &messages,
-            self.schema.as_ref().map(|s| &s.schema),
+            self.schema.as_ref().map(|s| &s.canonical[..]),
             max_tokens,
         );
         let key = CallKey {

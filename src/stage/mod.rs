@@ -216,6 +216,7 @@ impl BuildContext<'_> {
         Ok(JsonSchemaFile {
             digest: blake3::hash(text.as_bytes()).to_hex().to_string(),
             path,
+            canonical: crate::record::canonical_json(&schema),
             schema,
             validator: Arc::new(validator),
         })
@@ -227,6 +228,8 @@ impl BuildContext<'_> {
 pub struct JsonSchemaFile {
     pub path: PathBuf,
     pub schema: Json,
+    /// The schema's canonical JSON, as request bodies carry it: made once, not per call.
+    pub canonical: Vec<u8>,
     pub digest: String,
     pub validator: Arc<jsonschema::Validator>,
 }

@@ -206,6 +206,9 @@ pub struct Provider {
     api_key: Option<String>,
     endpoint: String,
     transport_fields: serde_json::Map<String, Json>,
+    /// Frames of bodies whose messages are written in apart (see [`Provider::body`]): the
+    /// same for every call with the same token budget and schema.
+    frames: std::sync::Mutex<Frames>,
     /// Calls in progress (sending, or waiting to retry), at most `concurrency`; shared by
     /// every stage that uses this provider.
     pub limit: Arc<Semaphore>,
@@ -329,6 +332,7 @@ impl Provider {
             name: name.to_owned(),
             endpoint,
             transport_fields: (wire.transport_fields)(&config),
+            frames: std::sync::Mutex::default(),
             limit: Arc::new(Semaphore::new(concurrency)),
             queue: Queue::default(),
             limits: Limits::new(
@@ -380,59 +384,71 @@ impl Provider {
     /// or writing the schema per call.
     pub fn body(&self, messages: &Json, schema: Option<&[u8]>, max_tokens: Option<u32>) -> Body {
         let wire = self.config.kind.wire();
-        let stand_in = Json::String(MESSAGES_MARK.0.into());
-        let frame = (wire.body)(
-            &self.config,
-            if wire.messages_as_given {
-                &stand_in
-            } else {
-                messages
-            },
-            schema.map(|_| Json::String(SCHEMA_MARK.0.into())).as_ref(),
-            max_tokens,
-        );
         let mut written = Vec::new();
         let mut parts = Vec::with_capacity(2);
-        if wire.messages_as_given {
+        let frame = if wire.messages_as_given {
             written.reserve(4096);
             crate::record::write_canonical_json(messages, &mut written);
             parts.push((MESSAGES_MARK.1, &written[..]));
-        }
+            self.frame_for(max_tokens, schema.is_some())
+        } else {
+            let schema = schema.map(|_| Json::String(SCHEMA_MARK.0.into()));
+            let frame = (wire.body)(&self.config, messages, schema.as_ref(), max_tokens);
+            Arc::new(self.frame(&frame))
+        };
         parts.extend(schema.map(|schema| (SCHEMA_MARK.1, schema)));
-        if let Some(body) = self.finish(&frame, &parts) {
+        if let Some(body) = frame.fill(&parts) {
             return body;
         }
         // A stand-in's text was in the frame already (a message holding it): build it whole.
         let schema = schema.and_then(|s| serde_json::from_slice::<Json>(s).ok());
         let whole = (wire.body)(&self.config, messages, schema.as_ref(), max_tokens);
-        self.finish(&whole, &[])
+        self.frame(&whole)
+            .fill(&[])
             .expect("a body without stand-ins has nothing to fill")
     }
 
-    /// The body from its frame with `parts` filled in; `None` when a stand-in is found more
-    /// than once.
-    fn finish(&self, frame: &Json, parts: &[(&[u8], &[u8])]) -> Option<Body> {
-        let canonical = fill(&crate::record::canonical_json(frame), parts)?;
+    /// The frame of a body whose messages are written in apart, made once per token budget.
+    fn frame_for(&self, max_tokens: Option<u32>, schema: bool) -> Arc<Frame> {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(frame) = frames.get(&(max_tokens, schema)) {
+            return frame.clone();
+        }
+        let stand_in = Json::String(MESSAGES_MARK.0.into());
+        let schema_stand_in = schema.then(|| Json::String(SCHEMA_MARK.0.into()));
+        let wire = self.config.kind.wire();
+        let frame = (wire.body)(
+            &self.config,
+            &stand_in,
+            schema_stand_in.as_ref(),
+            max_tokens,
+        );
+        let frame = Arc::new(self.frame(&frame));
+        // Budgets come from the data: a run uses a handful, but keep the map small whatever.
+        if frames.len() >= 64 {
+            frames.clear();
+        }
+        frames.insert((max_tokens, schema), frame.clone());
+        frame
+    }
+
+    /// A body's frame serialised: as hashed, and as sent.
+    fn frame(&self, frame: &Json) -> Frame {
         let sent = match frame {
             Json::Object(obj) if !self.transport_fields.is_empty() => {
                 let mut obj = obj.clone();
                 for (k, v) in &self.transport_fields {
                     obj.insert(k.clone(), v.clone());
                 }
-                Some(fill(
-                    &crate::record::canonical_json(&Json::Object(obj)),
-                    parts,
-                )?)
+                Some(crate::record::canonical_json(&Json::Object(obj)))
             }
             _ => None,
         };
-        let canonical = bytes::Bytes::from(canonical);
-        let wire = sent.map_or_else(|| canonical.clone(), bytes::Bytes::from);
-        Some(Body {
-            tokens: estimated_tokens(frame, wire.len()),
-            canonical,
-            wire,
-        })
+        Frame {
+            canonical: crate::record::canonical_json(frame),
+            sent,
+            budget: budget(frame),
+        }
     }
 
     /// How many requests this provider currently sends at once (the adaptive window).
@@ -619,16 +635,42 @@ fn header_map(
 const MESSAGES_MARK: (&str, &[u8]) = ("\u{0}keg:messages", br#""\u0000keg:messages""#);
 const SCHEMA_MARK: (&str, &[u8]) = ("\u{0}keg:schema", br#""\u0000keg:schema""#);
 
+/// Frames by the reply's token budget and whether a schema is sent.
+type Frames = std::collections::HashMap<(Option<u32>, bool), Arc<Frame>>;
+
+/// A body around stand-ins, serialised (see [`Provider::body`]).
+struct Frame {
+    /// What the call key hashes.
+    canonical: Vec<u8>,
+    /// What is sent, when the wire adds transport fields.
+    sent: Option<Vec<u8>>,
+    /// The reply's token budget.
+    budget: u64,
+}
+
+impl Frame {
+    /// The body with `parts` filled in; `None` when a stand-in is found more than once.
+    fn fill(&self, parts: &[(&[u8], &[u8])]) -> Option<Body> {
+        let canonical = bytes::Bytes::from(fill(&self.canonical, parts)?);
+        let wire = match &self.sent {
+            Some(sent) => bytes::Bytes::from(fill(sent, parts)?),
+            None => canonical.clone(),
+        };
+        let tokens = u32::try_from(wire.len() as u64 / 4 + self.budget).unwrap_or(u32::MAX);
+        Some(Body {
+            canonical,
+            wire,
+            tokens,
+        })
+    }
+}
+
 /// `frame` with each stand-in (as canonical JSON writes it) replaced by its part; `None`
 /// when one is found more than once, and which is the stand-in cannot be told.
 fn fill(frame: &[u8], parts: &[(&[u8], &[u8])]) -> Option<Vec<u8>> {
     let mut found: Vec<(usize, usize, &[u8])> = Vec::with_capacity(parts.len());
     for (quoted, part) in parts {
-        let mut at = frame
-            .windows(quoted.len())
-            .enumerate()
-            .filter(|(_, w)| w == quoted)
-            .map(|(i, _)| i);
+        let mut at = memchr::memmem::find_iter(frame, quoted);
         if let Some(first) = at.next() {
             if at.next().is_some() {
                 return None;
@@ -651,14 +693,17 @@ fn fill(frame: &[u8], parts: &[(&[u8], &[u8])]) -> Option<Vec<u8>> {
 /// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 (`chars`: the
 /// length of the body as sent) plus the reply's budget (servers count the budget against the
 /// limit before the reply exists).
+#[cfg(test)]
 fn estimated_tokens(body: &Json, chars: usize) -> u32 {
-    let prompt = chars / 4;
-    let budget = body
-        .get("max_tokens")
+    u32::try_from(chars as u64 / 4 + budget(body)).unwrap_or(u32::MAX)
+}
+
+/// The reply's token budget a body names.
+fn budget(body: &Json) -> u64 {
+    body.get("max_tokens")
         .or_else(|| body.pointer("/options/num_predict"))
         .and_then(Json::as_u64)
-        .unwrap_or(0);
-    u32::try_from(prompt as u64 + budget).unwrap_or(u32::MAX)
+        .unwrap_or(0)
 }
 
 fn root_cause(err: &dyn std::error::Error) -> String {
@@ -847,6 +892,8 @@ mod tests {
                 (&messages, None, None),
                 (&messages, Some(&schema), Some(300)),
                 (&forged, Some(&schema), None),
+                // The frame of the second case again, around other messages.
+                (&forged, Some(&schema), Some(300)),
             ] {
                 let whole = (kind.wire().body)(&c, messages, schema, max_tokens);
                 let canonical =

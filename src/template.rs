@@ -115,6 +115,13 @@ impl Template<'_> {
     pub fn render(&self, context: &minijinja::Value) -> Result<String, TemplateError> {
         self.0.render(context).map_err(describe)
     }
+
+    /// Whether the template is text alone (comments aside): no `{{ }}` and no `{% %}`, so it
+    /// renders the same for every record.
+    pub fn is_text(&self) -> bool {
+        let source = self.0.source();
+        !source.contains("{{") && !source.contains("{%")
+    }
 }
 
 /// A compiled expression, such as `max(1, text | length // 100)` or `question`.
@@ -225,6 +232,26 @@ mod tests {
             err.message.starts_with("typo.j2:2: undefined value"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn text_alone_is_told_from_templates_that_read_records() {
+        let t = Templates::new(Vec::new());
+        for (source, text) in [
+            ("You write pairs.\nReply with JSON only.", true),
+            ("{# a note #}You write pairs.", true),
+            ("About {{ path }}.", false),
+            ("{% if items == 1 %}one{% endif %}", false),
+            ("{%- set x = 1 %}x", false),
+        ] {
+            let template = t.inline("t", source).unwrap();
+            assert_eq!(template.is_text(), text, "{source}");
+        }
+        let template = t.inline("t", "{# a note #}You write pairs.").unwrap();
+        assert_eq!(
+            template.render(&minijinja::Value::UNDEFINED).unwrap(),
+            "You write pairs."
         );
     }
 

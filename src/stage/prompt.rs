@@ -207,6 +207,14 @@ impl Stage for Prompt {
             let items = self
                 .templates
                 .expression(self.config.items.as_deref().unwrap_or(DEFAULT_ITEMS))?;
+            // A system message of text alone is the same for every record: rendered once.
+            let fixed_system = match &system {
+                Some(system) if system.is_text() => {
+                    let content = system.render(&minijinja::Value::UNDEFINED)?;
+                    Some(json!({ "role": "system", "content": content.trim() }))
+                }
+                _ => None,
+            };
             let mut out = Vec::with_capacity(input.len());
             for mut record in input {
                 StageStats::add(&cx.stats.items, 1);
@@ -217,8 +225,10 @@ impl Stage for Prompt {
                     record.data.insert("items".into(), json!(n));
                 }
                 let messages = template_context(&mut record, &extra, |_, context| {
-                    let mut messages = Vec::new();
-                    if let Some(system) = &system {
+                    let mut messages = Vec::with_capacity(2);
+                    if let Some(fixed) = &fixed_system {
+                        messages.push(fixed.clone());
+                    } else if let Some(system) = &system {
                         let content = system.render(context)?;
                         messages.push(json!({ "role": "system", "content": content.trim() }));
                     }

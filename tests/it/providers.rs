@@ -57,6 +57,7 @@ fn ollama_native_chat_end_to_end() {
     assert!(rejects(&ws).is_empty());
 
     let schema = qa_schema();
+    let system = std::fs::read_to_string(repo("templates/qa/system.j2")).unwrap();
     for body in mock.bodies() {
         let user = last_user_text(&body);
         let items = parse_item_count(&user).unwrap() as u64;
@@ -74,6 +75,8 @@ fn ollama_native_chat_end_to_end() {
             .map(|m| m["role"].as_str().unwrap())
             .collect();
         assert_eq!(roles, ["system", "user"]);
+        // The shipped system template is text alone: the same message in every request.
+        assert_eq!(body["messages"][0]["content"], system.trim());
         assert!(body.get("keep_alive").is_none());
         assert!(body.get("response_format").is_none());
     }

@@ -307,28 +307,23 @@ impl Known {
         let through = tx.query_row("SELECT COALESCE(MAX(rowid), 0) FROM entries", [], |row| {
             row.get(0)
         })?;
-        let mut prefixes = Some(HashSet::new());
+        let mut known = Known {
+            prefixes: Some(HashSet::new()),
+            through,
+            caught_up: Instant::now(),
+        };
         {
             // The (bucket, key) index alone answers this; no value is read.
             let mut statement = tx.prepare("SELECT key FROM entries WHERE bucket = ?1")?;
             let mut rows = statement.query(params![bucket])?;
-            while let Some(row) = rows.next()? {
-                let Some(set) = prefixes.as_mut() else {
-                    break;
-                };
-                if set.len() == MAX_KNOWN {
-                    prefixes = None;
-                    break;
-                }
-                set.insert(prefix(row.get_ref(0)?.as_blob()?));
+            while known.prefixes.is_some()
+                && let Some(row) = rows.next()?
+            {
+                known.insert(prefix(row.get_ref(0)?.as_blob()?));
             }
         }
         tx.commit()?;
-        Ok(Known {
-            prefixes,
-            through,
-            caught_up: Instant::now(),
-        })
+        Ok(known)
     }
 
     /// Read in the keys of `bucket` written since (by this process or another).

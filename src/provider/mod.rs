@@ -386,15 +386,22 @@ impl Provider {
         let wire = self.config.kind.wire();
         let mut written = Vec::new();
         let mut parts = Vec::with_capacity(2);
-        let frame = if wire.messages_as_given {
+        let (shared, own);
+        let frame: &Frame = if wire.messages_as_given {
             written.reserve(4096);
             crate::record::write_canonical_json(messages, &mut written);
             parts.push((MESSAGES_MARK.1, &written[..]));
-            self.frame_for(max_tokens, schema.is_some())
+            shared = self.frame_for(max_tokens, schema.is_some());
+            &shared
         } else {
             let schema = schema.map(|_| Json::String(SCHEMA_MARK.0.into()));
-            let frame = (wire.body)(&self.config, messages, schema.as_ref(), max_tokens);
-            Arc::new(self.frame(&frame))
+            own = self.frame(&(wire.body)(
+                &self.config,
+                messages,
+                schema.as_ref(),
+                max_tokens,
+            ));
+            &own
         };
         parts.extend(schema.map(|schema| (SCHEMA_MARK.1, schema)));
         if let Some(body) = frame.fill(&parts) {
@@ -656,11 +663,10 @@ impl Frame {
             Some(sent) => bytes::Bytes::from(fill(sent, parts)?),
             None => canonical.clone(),
         };
-        let tokens = u32::try_from(wire.len() as u64 / 4 + self.budget).unwrap_or(u32::MAX);
         Some(Body {
+            tokens: estimated_tokens(wire.len(), self.budget),
             canonical,
             wire,
-            tokens,
         })
     }
 }
@@ -692,10 +698,9 @@ fn fill(frame: &[u8], parts: &[(&[u8], &[u8])]) -> Option<Vec<u8>> {
 
 /// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 (`chars`: the
 /// length of the body as sent) plus the reply's budget (servers count the budget against the
-/// limit before the reply exists).
-#[cfg(test)]
-fn estimated_tokens(body: &Json, chars: usize) -> u32 {
-    u32::try_from(chars as u64 / 4 + budget(body)).unwrap_or(u32::MAX)
+/// limit before the reply exists, see [`budget`]).
+fn estimated_tokens(chars: usize, budget: u64) -> u32 {
+    u32::try_from(chars as u64 / 4 + budget).unwrap_or(u32::MAX)
 }
 
 /// The reply's token budget a body names.
@@ -734,7 +739,6 @@ fn server_message(text: &str) -> String {
 }
 
 /// `Authorization: Bearer KEY` when there is a key (OpenAI-compatible servers, Ollama).
-/// `Authorization: Bearer <key>`, when there is a key.
 pub fn bearer(headers: &mut HeaderMap, key: Option<&str>) {
     if let Some(key) = key {
         insert_secret(
@@ -909,7 +913,10 @@ mod tests {
                     sent.as_object_mut().unwrap().insert(k, v);
                 }
                 assert_eq!(body.wire, crate::record::canonical_json(&sent), "{kind:?}");
-                assert_eq!(body.tokens, estimated_tokens(&whole, body.wire.len()));
+                assert_eq!(
+                    body.tokens,
+                    estimated_tokens(body.wire.len(), budget(&whole))
+                );
             }
         }
     }
@@ -952,9 +959,12 @@ mod tests {
     fn token_estimate_counts_prompt_and_budget() {
         let body = json!({"messages": "x".repeat(400), "max_tokens": 100});
         let chars = serde_json::to_string(&body).unwrap().len();
-        assert_eq!(estimated_tokens(&body, chars), chars as u32 / 4 + 100);
+        assert_eq!(
+            estimated_tokens(chars, budget(&body)),
+            chars as u32 / 4 + 100
+        );
         let body = json!({"options": {"num_predict": 50}});
-        assert_eq!(estimated_tokens(&body, 29), 7 + 50);
+        assert_eq!(estimated_tokens(29, budget(&body)), 7 + 50);
     }
 
     #[test]

@@ -508,21 +508,23 @@ impl Stage for Generate {
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
             StageStats::add(&cx.stats.items, input.len() as u64);
-            let bar = if cx.bars {
-                cx.shared
+            // Run document by document, a stage runs once per document: a bar is only made
+            // where it is shown.
+            let bar = cx.bars.then(|| {
+                let bar = cx
+                    .shared
                     .progress
-                    .add(indicatif::ProgressBar::new(input.len() as u64))
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} records · {per_sec} · eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(cx.name.to_owned());
+                    .add(indicatif::ProgressBar::new(input.len() as u64));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{prefix} [{bar:30}] {pos}/{len} records · {per_sec} · eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(cx.name.to_owned());
+                bar
+            });
             // Each record's calls are a task of their own, so that building requests,
             // hashing, HTTP, parsing and cache writes spread over the worker threads. The
             // provider's limit bounds what is in flight; cached records resolve at once, so
@@ -570,7 +572,9 @@ impl Stage for Generate {
                 for reply in &usage {
                     cx.count_usage(&self.provider.name, reply);
                 }
-                bar.inc(1);
+                if let Some(bar) = &bar {
+                    bar.inc(1);
+                }
                 match resolution {
                     Resolution::Fatal(err) => {
                         // Stop sending, here and in every other stage of the run.
@@ -588,7 +592,9 @@ impl Stage for Generate {
                 failure.get_or_insert(StageError::Interrupted);
             }
             calls.add_stats_to(cx.stats);
-            bar.finish_and_clear();
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
             // The runner makes the cache entries durable before it reports anything.
             if let Some(err) = failure {
                 return Err(err);

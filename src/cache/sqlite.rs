@@ -1,8 +1,14 @@
 //! The on-disk store: one SQLite database per cache folder, in WAL mode, written in batches
 //! by a thread of its own, so that no call waits for the disk and several `keg` processes
 //! can share one cache at once (SQLite locks the file for them; readers never wait).
+//!
+//! Writes only append. Keys are random (blake3), and a B-tree on random keys touches a page
+//! of its own for nearly every new entry: each commit rewrote those pages whole, to the WAL
+//! and again to the file, and the cost per entry grew with the cache. Instead, entries get
+//! increasing ids, every table is ordered by id (within a bucket), and each process keeps
+//! the keys of the buckets it reads in memory ([`Known`]), mapped to their ids.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,20 +21,20 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use super::Store;
 
 /// The database in a cache folder. The name carries the layout's version: layout 1 was one
-/// file per entry, `<bucket>/<2 hex>/<64 hex>`; layout 2 is this database. A later layout
-/// gets a new name rather than a file older builds would misread; layout 1 folders found on
-/// open are imported once (see [`import_layout_1`]), so no cached call is lost.
-pub const DATABASE: &str = "cache-v2.sqlite";
+/// file per entry, `<bucket>/<2 hex>/<64 hex>`; layout 2 was one table keyed by (bucket,
+/// key); layout 3 is this database. A later layout gets a new name rather than a file older
+/// builds would misread; older layouts found on open are imported once (see
+/// [`import_layout_1`], [`import_layout_2`]), so no cached call is lost.
+pub const DATABASE: &str = "cache-v3.sqlite";
+const DATABASE_2: &str = "cache-v2.sqlite";
 
 /// How long a write waits for another process's transaction before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most messages taken into one transaction.
 const BATCH: usize = 1024;
-/// How long the writer gathers entries before it commits them (a flush commits at once).
-/// Keys are random, so each entry lands on its own page of the key index, and a commit
-/// writes every page it touched whole (16 KB) to the WAL, and later to the file: entries
-/// gathered longer share pages. 25 ms cut the writer's CPU by a third against 5 ms at 512
-/// calls in flight (50 ms gained little more). A killed process loses at most this much.
+/// How long the writer gathers entries before it commits them (a flush commits at once):
+/// a commit costs a WAL frame per page it touched (16 KB), and the last page of each table
+/// is shared by the entries gathered. A killed process loses at most this much.
 const GATHER: Duration = Duration::from_millis(25);
 /// The writer looks at what has gathered this often, and stops gathering once
 /// [`GATHER_BYTES`] or [`BATCH`] entries wait: large entries (a document's records) gain
@@ -38,22 +44,35 @@ const GATHER_BYTES: usize = 4 << 20;
 
 const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by keg.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
 
-const CREATE: &str = "CREATE TABLE IF NOT EXISTS entries (
-    bucket TEXT NOT NULL,
+/// `blobs` holds the entries in the order they were written (AUTOINCREMENT: an id is never
+/// used twice, so "rows after id N" means "written since"). `keys` lists each bucket's keys
+/// in the same order, narrow enough that reading a bucket's keys in is cheap; it is clustered
+/// by (bucket, id), so a new key is appended at the end of its bucket.
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS blobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     key BLOB NOT NULL,
-    value BLOB NOT NULL,
-    PRIMARY KEY (bucket, key)
-)";
-const SELECT: &str = "SELECT value FROM entries WHERE bucket = ?1 AND key = ?2";
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    bucket TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    PRIMARY KEY (bucket, id)
+) WITHOUT ROWID;";
+const INSERT_BLOB: &str = "INSERT INTO blobs (key, value) VALUES (?1, ?2)";
+const INSERT_KEY: &str = "INSERT INTO keys (bucket, id, key) VALUES (?1, ?2, ?3)";
+const SELECT: &str = "SELECT key, value FROM blobs WHERE id = ?1";
+/// A key written again replaces its row; the key is compared, so a row whose key only
+/// shares the first 8 bytes is kept.
+const DELETE_BLOB: &str = "DELETE FROM blobs WHERE id = ?1 AND key = ?2";
+const DELETE_KEY: &str = "DELETE FROM keys WHERE bucket = ?1 AND id = ?2 AND key = ?3";
 /// How often the keys other processes wrote are read in: a key another process wrote less
 /// than this long ago may be missed once (its call is sent again, and both replies are valid).
 const CATCH_UP: Duration = Duration::from_millis(50);
-/// Keys of one bucket known in memory at most (about 40 MB); a bigger bucket is looked up in
-/// the database key by key.
-const MAX_KNOWN: usize = 2_000_000;
-const UPSERT: &str = "INSERT OR REPLACE INTO entries (bucket, key, value) VALUES (?1, ?2, ?3)";
+/// The id [`Known`] gives a key this process has put and the writer not yet committed.
+const PENDING: i64 = 0;
 
-/// Entries in one SQLite database (`<root>/cache-v2.sqlite`), keyed by bucket and blake3
+/// Entries in one SQLite database (`<root>/cache-v3.sqlite`), keyed by bucket and blake3
 /// key. `put` hands the entry to the writer thread and returns; each batch is one
 /// transaction, so a killed process leaves whole entries or none, and loses at most the
 /// batch being gathered (calls finished in the last [`GATHER`]).
@@ -62,36 +81,41 @@ pub struct DiskStore {
     path: PathBuf,
     /// Idle read connections: one per thread reading at the same moment.
     readers: Mutex<Vec<Connection>>,
-    pending: Arc<Pending>,
-    /// Bucket → the keys the database holds, for buckets looked up so far.
-    known: Mutex<HashMap<String, Known>>,
+    shared: Arc<Shared>,
     sender: Option<mpsc::Sender<Message>>,
     writer: Option<JoinHandle<()>>,
 }
 
-/// The keys one bucket holds, as their first 8 bytes: a lookup of a key the cache does not
-/// hold (every call of a new document) is answered here, without a read of the database,
-/// which costs more than anything else in a lookup (WAL locks, and pages re-read after every
-/// commit). A prefix found here still goes to the database, which has the last word.
+/// The keys one bucket holds, by their first 8 bytes, with the id of their row: a lookup of
+/// a key the cache does not hold (every call of a new document) is answered here without
+/// reading the database, and one it holds reads a single row by id. The row's key has the
+/// last word. About 30 bytes per key (60 MB for 2 million cached calls).
 struct Known {
-    /// `None`: the bucket holds more than [`MAX_KNOWN`] keys; every lookup reads the database.
-    prefixes: Option<HashSet<u64>>,
-    /// The highest row read in; rows above it were written since.
+    ids: HashMap<u64, i64>,
+    /// The highest id of this bucket read in; rows above it were written since.
     through: i64,
     caught_up: Instant,
 }
 
-/// Entries handed to the writer and not yet committed, so that `get` sees them at once, and
-/// the first write error, reported by the next `put` or `flush`.
+/// What the store's callers and its writer share.
 #[derive(Default)]
-struct Pending {
-    /// Bucket → key → (the `put`'s sequence number, the value).
-    entries: Mutex<HashMap<String, Bucket>>,
-    next: AtomicU64,
+struct Shared {
+    /// Entries handed to the writer and not yet committed, so that `get` sees them at once:
+    /// bucket → key → (the `put`'s sequence number, the value).
+    pending: Mutex<HashMap<String, Bucket>>,
+    /// Bucket → its keys, for buckets read or written so far. The writer gives each key it
+    /// commits its id here before the entry leaves `pending`.
+    known: Mutex<HashMap<String, Known>>,
+    /// The first write error, reported by the next `put` or `flush`.
     failed: Mutex<Option<String>>,
+    next: AtomicU64,
     /// Puts sent to the writer and not yet taken by it: how many, and their bytes.
     queued: AtomicUsize,
     queued_bytes: AtomicUsize,
+    /// The ids this process's writer committed, as sorted ranges (after first, up to last]:
+    /// a batch's rows are consecutive, as it holds the write lock. Catching up steps over
+    /// them: every key in them is known from its `put` already.
+    own: Mutex<Vec<(i64, i64)>>,
 }
 
 type Bucket = HashMap<[u8; 32], (u64, Arc<[u8]>)>;
@@ -102,6 +126,8 @@ enum Message {
         key: [u8; 32],
         value: Arc<[u8]>,
         seq: u64,
+        /// The row this entry replaces, when the key was known to be cached.
+        replaces: Option<i64>,
     },
     Flush(mpsc::SyncSender<()>),
 }
@@ -119,21 +145,21 @@ impl DiskStore {
         let path = root.join(DATABASE);
         let mut conn = connect(&path, true)?;
         set_up(&mut conn).map_err(sql)?;
+        import_layout_2(root, &mut conn)?;
         import_layout_1(root, &mut conn)?;
-        let pending = Arc::new(Pending::default());
+        let shared = Arc::new(Shared::default());
         let (sender, receiver) = mpsc::channel();
         let writer = {
-            let pending = pending.clone();
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("keg-cache-writer".into())
-                .spawn(move || write_loop(conn, &receiver, &pending))?
+                .spawn(move || write_loop(conn, &receiver, &shared))?
         };
         Ok(DiskStore {
             root: root.to_path_buf(),
             path,
             readers: Mutex::new(Vec::new()),
-            pending,
-            known: Mutex::new(HashMap::new()),
+            shared,
             sender: Some(sender),
             writer: Some(writer),
         })
@@ -145,8 +171,8 @@ impl DiskStore {
 
     /// Entry count and bytes per bucket, sorted by bucket.
     pub fn stats(root: &Path) -> io::Result<Vec<(String, u64, u64)>> {
-        if root.is_dir() && !layout_1_buckets(root)?.is_empty() {
-            // Entries of layout 1 count once they are in the database.
+        if has_older_layout(root)? {
+            // Entries of older layouts count once they are in the database.
             drop(DiskStore::open(root)?);
         }
         let Some(conn) = existing(root)? else {
@@ -154,8 +180,9 @@ impl DiskStore {
         };
         let mut statement = conn
             .prepare(
-                "SELECT bucket, COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM entries \
-                 GROUP BY bucket ORDER BY bucket",
+                "SELECT k.bucket, COUNT(*), COALESCE(SUM(LENGTH(b.value)), 0) \
+                 FROM keys AS k JOIN blobs AS b ON b.id = k.id \
+                 GROUP BY k.bucket ORDER BY k.bucket",
             )
             .map_err(sql)?;
         let rows = statement
@@ -179,38 +206,71 @@ impl DiskStore {
                     .count() as u64;
                 std::fs::remove_dir_all(bucket)?;
             }
+            for path in layout_2_files(root) {
+                if path.is_file() {
+                    std::fs::remove_file(path)?;
+                }
+            }
         }
-        if let Some(conn) = existing(root)? {
-            removed += conn.execute("DELETE FROM entries", []).map_err(sql)? as u64;
+        if let Some(mut conn) = existing(root)? {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            removed += tx.execute("DELETE FROM keys", []).map_err(sql)? as u64;
+            tx.execute("DELETE FROM blobs", []).map_err(sql)?;
+            tx.commit().map_err(sql)?;
             // Give the space back when no other process is reading; harmless when one is.
             let _ = conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);");
         }
         Ok(removed)
     }
 
-    /// Whether the database may hold `key`: `false` only when it certainly does not.
-    fn may_hold(&self, bucket: &str, key: &[u8; 32]) -> io::Result<bool> {
+    /// The id of the row that may hold `key` (`None`: the database certainly does not), from
+    /// the keys in memory; `fresh` reads in what other processes wrote since, however recent
+    /// the last look.
+    fn row_of(&self, bucket: &str, key: &[u8; 32], fresh: bool) -> io::Result<Option<i64>> {
         let wanted = prefix(key);
-        let mut known = lock(&self.known);
+        let mut known = lock(&self.shared.known);
+        let bucket_known = self.known_bucket(&mut known, bucket)?;
+        let id = bucket_known.ids.get(&wanted).copied();
+        if id.is_some_and(|id| id != PENDING) && !fresh {
+            return Ok(id);
+        }
+        if !fresh && bucket_known.caught_up.elapsed() < CATCH_UP {
+            return Ok(None);
+        }
+        // Held through the reads: a range listed now was committed before they began, so
+        // every row below it is in what they read.
+        let mut own = lock(&self.shared.own);
+        self.with_reader(|conn| bucket_known.catch_up(conn, bucket, &own))?;
+        let id = bucket_known.ids.get(&wanted).copied();
+        // Ranges every bucket read in has caught up past are stepped over by none.
+        if let Some(lowest) = known.values().map(|k| k.through).min() {
+            own.retain(|(_, last)| *last > lowest);
+        }
+        Ok(id.filter(|id| *id != PENDING))
+    }
+
+    /// The keys of `bucket`, read in on first use.
+    fn known_bucket<'k>(
+        &self,
+        known: &'k mut HashMap<String, Known>,
+        bucket: &str,
+    ) -> io::Result<&'k mut Known> {
         if !known.contains_key(bucket) {
             let mut loaded = self.with_reader(|conn| Known::load(conn, bucket))?;
-            // Puts not yet committed are not in the database's answer.
-            if let Some(pending) = lock(&self.pending.entries).get(bucket) {
-                pending.keys().for_each(|key| loaded.insert(prefix(key)));
+            // Puts not yet committed are not in the database's answer. The writer gives
+            // them their ids under the lock held here, before they leave `pending`.
+            if let Some(pending) = lock(&self.shared.pending).get(bucket) {
+                for key in pending.keys() {
+                    loaded.ids.insert(prefix(key), PENDING);
+                }
             }
             known.insert(bucket.to_owned(), loaded);
         }
-        let Some(bucket_known) = known.get_mut(bucket) else {
-            return Ok(true);
-        };
-        if bucket_known.holds(wanted) {
-            return Ok(true);
-        }
-        if bucket_known.caught_up.elapsed() < CATCH_UP {
-            return Ok(false);
-        }
-        self.with_reader(|conn| bucket_known.catch_up(conn, bucket))?;
-        Ok(bucket_known.holds(wanted))
+        Ok(known
+            .get_mut(bucket)
+            .expect("the bucket's keys were just read in"))
     }
 
     /// Run `read` on an idle read connection.
@@ -230,47 +290,72 @@ impl DiskStore {
             None => connect(&self.path, false),
         }
     }
+
+    /// The value in row `id` if it holds `key`.
+    fn read_row(&self, id: i64, key: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
+        self.with_reader(|conn| {
+            conn.prepare_cached(SELECT)?
+                .query_row(params![id], |row| {
+                    let found = row.get_ref(0)?.as_blob()? == key;
+                    found.then(|| row.get(1)).transpose()
+                })
+                .optional()
+                .map(Option::flatten)
+        })
+    }
 }
 
 impl Store for DiskStore {
     fn get(&self, bucket: &str, key: &blake3::Hash) -> io::Result<Option<Vec<u8>>> {
-        if let Some((_, value)) = lock(&self.pending.entries)
+        let key = key.as_bytes();
+        if let Some((_, value)) = lock(&self.shared.pending)
             .get(bucket)
-            .and_then(|entries| entries.get(key.as_bytes()))
+            .and_then(|entries| entries.get(key))
         {
             return Ok(Some(value.to_vec()));
         }
-        if !self.may_hold(bucket, key.as_bytes())? {
+        let Some(id) = self.row_of(bucket, key, false)? else {
             return Ok(None);
+        };
+        if let Some(value) = self.read_row(id, key)? {
+            return Ok(Some(value));
         }
-        self.with_reader(|conn| {
-            conn.prepare_cached(SELECT)?
-                .query_row(params![bucket, &key.as_bytes()[..]], |row| row.get(0))
-                .optional()
-        })
+        // Another process wrote the key again since (and removed the row read in), or the
+        // row holds another key with the same first 8 bytes.
+        match self.row_of(bucket, key, true)? {
+            Some(again) if again != id => self.read_row(again, key),
+            _ => Ok(None),
+        }
     }
 
     fn put(&self, bucket: &str, key: &blake3::Hash, value: &[u8]) -> io::Result<()> {
-        self.pending.check()?;
+        self.shared.check()?;
+        let key = *key.as_bytes();
         let value: Arc<[u8]> = Arc::from(value);
-        let seq = self.pending.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.pending.entries)
+        let seq = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let replaces = {
+            let mut known = lock(&self.shared.known);
+            let bucket_known = self.known_bucket(&mut known, bucket)?;
+            // Known before it is committed: the writer gives it its id.
+            bucket_known
+                .ids
+                .insert(prefix(&key), PENDING)
+                .filter(|id| *id != PENDING)
+        };
+        lock(&self.shared.pending)
             .entry(bucket.to_owned())
             .or_default()
-            .insert(*key.as_bytes(), (seq, value.clone()));
-        // Known before it is committed: once committed it leaves `pending`.
-        if let Some(known) = lock(&self.known).get_mut(bucket) {
-            known.insert(prefix(key.as_bytes()));
-        }
-        self.pending.queued.fetch_add(1, Ordering::Relaxed);
-        self.pending
+            .insert(key, (seq, value.clone()));
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        self.shared
             .queued_bytes
             .fetch_add(value.len(), Ordering::Relaxed);
         let message = Message::Put {
             bucket: bucket.to_owned(),
-            key: *key.as_bytes(),
+            key,
             value,
             seq,
+            replaces,
         };
         self.sender
             .as_ref()
@@ -286,7 +371,7 @@ impl Store for DiskStore {
             // An error here means the writer is gone; `check` then says why.
             let _ = wait.recv();
         }
-        self.pending.check()
+        self.shared.check()
     }
 }
 
@@ -301,59 +386,55 @@ impl Drop for DiskStore {
 }
 
 impl Known {
-    /// Every key of `bucket`, read in one transaction with the highest row at that moment.
+    /// Every key of `bucket`, in the order written: a key written twice maps to its last row.
     fn load(conn: &Connection, bucket: &str) -> rusqlite::Result<Known> {
-        let tx = conn.unchecked_transaction()?;
-        let through = tx.query_row("SELECT COALESCE(MAX(rowid), 0) FROM entries", [], |row| {
-            row.get(0)
-        })?;
         let mut known = Known {
-            prefixes: Some(HashSet::new()),
-            through,
+            ids: HashMap::new(),
+            through: 0,
             caught_up: Instant::now(),
         };
-        {
-            // The (bucket, key) index alone answers this; no value is read.
-            let mut statement = tx.prepare("SELECT key FROM entries WHERE bucket = ?1")?;
-            let mut rows = statement.query(params![bucket])?;
-            while known.prefixes.is_some()
-                && let Some(row) = rows.next()?
-            {
-                known.insert(prefix(row.get_ref(0)?.as_blob()?));
-            }
+        let mut statement = conn.prepare("SELECT id, key FROM keys WHERE bucket = ?1")?;
+        let mut rows = statement.query(params![bucket])?;
+        while let Some(row) = rows.next()? {
+            known.insert(row.get(0)?, row.get_ref(1)?.as_blob()?);
         }
-        tx.commit()?;
         Ok(known)
     }
 
-    /// Read in the keys of `bucket` written since (by this process or another).
-    fn catch_up(&mut self, conn: &Connection, bucket: &str) -> rusqlite::Result<()> {
-        // `+bucket`: walk the rows after `through`, not the bucket's whole index.
-        let mut statement = conn
-            .prepare_cached("SELECT rowid, key FROM entries WHERE rowid > ?1 AND +bucket = ?2")?;
-        let mut rows = statement.query(params![self.through, bucket])?;
-        while let Some(row) = rows.next()? {
-            self.through = self.through.max(row.get(0)?);
-            self.insert(prefix(row.get_ref(1)?.as_blob()?));
+    /// Read in the keys of `bucket` that other processes wrote since; the rows in `own`
+    /// (this process's) are stepped over.
+    fn catch_up(
+        &mut self,
+        conn: &Connection,
+        bucket: &str,
+        own: &[(i64, i64)],
+    ) -> rusqlite::Result<()> {
+        let mut statement = conn.prepare_cached(
+            "SELECT id, key FROM keys WHERE bucket = ?1 AND id > ?2 AND id <= ?3",
+        )?;
+        let start = self.through;
+        let later = own.iter().filter(|(_, last)| *last > start);
+        // Transactions commit one at a time, in the order of their ids: what one read sees
+        // is every row up to some id, and rows below an own range were committed before it.
+        for (until, skip_to) in later.copied().chain([(i64::MAX, i64::MAX)]) {
+            if until > self.through {
+                let mut rows = statement.query(params![bucket, self.through, until])?;
+                while let Some(row) = rows.next()? {
+                    self.insert(row.get(0)?, row.get_ref(1)?.as_blob()?);
+                }
+            }
+            if until == i64::MAX {
+                break;
+            }
+            self.through = self.through.max(skip_to);
         }
         self.caught_up = Instant::now();
         Ok(())
     }
 
-    fn holds(&self, prefix: u64) -> bool {
-        self.prefixes
-            .as_ref()
-            .is_none_or(|set| set.contains(&prefix))
-    }
-
-    fn insert(&mut self, prefix: u64) {
-        if let Some(set) = self.prefixes.as_mut() {
-            if set.len() == MAX_KNOWN {
-                self.prefixes = None;
-            } else {
-                set.insert(prefix);
-            }
-        }
+    fn insert(&mut self, id: i64, key: &[u8]) {
+        self.ids.insert(prefix(key), id);
+        self.through = self.through.max(id);
     }
 }
 
@@ -365,7 +446,7 @@ fn prefix(key: &[u8]) -> u64 {
     u64::from_le_bytes(first)
 }
 
-impl Pending {
+impl Shared {
     fn check(&self) -> io::Result<()> {
         match &*lock(&self.failed) {
             Some(err) => Err(io::Error::other(err.clone())),
@@ -375,12 +456,12 @@ impl Pending {
 }
 
 /// Commit what has arrived, one transaction per batch, until every sender is gone.
-fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, pending: &Pending) {
+fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: &Shared) {
     let mut batch = Vec::with_capacity(BATCH);
     let take = |batch: &mut Vec<Message>, message: Message| {
         if let Message::Put { value, .. } = &message {
-            pending.queued.fetch_sub(1, Ordering::Relaxed);
-            pending
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            shared
                 .queued_bytes
                 .fetch_sub(value.len(), Ordering::Relaxed);
         }
@@ -394,8 +475,8 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, pending:
             // wake-up (a futex call and a context switch); a sleeping one costs nothing.
             let start = Instant::now();
             while start.elapsed() < GATHER
-                && pending.queued.load(Ordering::Relaxed) < BATCH
-                && pending.queued_bytes.load(Ordering::Relaxed) < GATHER_BYTES
+                && shared.queued.load(Ordering::Relaxed) < BATCH
+                && shared.queued_bytes.load(Ordering::Relaxed) < GATHER_BYTES
             {
                 std::thread::sleep(GATHER_STEP);
             }
@@ -406,10 +487,39 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, pending:
                 Err(_) => break,
             }
         }
-        if let Err(err) = write_batch(&mut conn, &batch) {
-            lock(&pending.failed).get_or_insert_with(|| err.to_string());
+        let ids = match write_batch(&mut conn, &batch, shared) {
+            Ok(ids) => ids,
+            Err(err) => {
+                lock(&shared.failed).get_or_insert_with(|| err.to_string());
+                Vec::new()
+            }
+        };
+        let written = || ids.iter().flatten().copied();
+        if let (Some(first), Some(last)) = (written().next(), written().last()) {
+            let mut own = lock(&shared.own);
+            // Under the write lock, the batch's ids follow the highest id before it.
+            let after = first - 1;
+            match own.last_mut() {
+                Some((_, end)) if *end == after => *end = last,
+                _ => own.push((after, last)),
+            }
         }
-        let mut entries = lock(&pending.entries);
+        // Each committed key gets its id before it leaves `pending` (see `known_bucket`).
+        {
+            let mut known = lock(&shared.known);
+            let puts = batch.iter().filter_map(|message| match message {
+                Message::Put { bucket, key, .. } => Some((bucket, key)),
+                Message::Flush(_) => None,
+            });
+            for ((bucket, key), id) in puts.zip(&ids) {
+                // Not `Known::insert`: rows of other processes may lie below these ids,
+                // not yet read in, so `through` stays where catching up left it.
+                if let (Some(bucket), Some(id)) = (known.get_mut(bucket.as_str()), id) {
+                    bucket.ids.insert(prefix(key), *id);
+                }
+            }
+        }
+        let mut entries = lock(&shared.pending);
         for message in batch.drain(..) {
             match message {
                 Message::Put {
@@ -430,25 +540,98 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, pending:
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Message]) -> rusqlite::Result<()> {
-    if !batch.iter().any(|m| matches!(m, Message::Put { .. })) {
-        return Ok(());
+/// Commit one batch; the id of each entry, in order (`None`: a later `put` of the same key
+/// supersedes it, and it is not written). A key cached already, by this process or another,
+/// has its old row removed: the cache holds one row per key.
+fn write_batch(
+    conn: &mut Connection,
+    batch: &[Message],
+    shared: &Shared,
+) -> rusqlite::Result<Vec<Option<i64>>> {
+    let puts: Vec<_> = batch
+        .iter()
+        .filter_map(|message| match message {
+            Message::Put {
+                bucket,
+                key,
+                value,
+                seq,
+                replaces,
+            } => Some((bucket.as_str(), key, value, *seq, *replaces)),
+            Message::Flush(_) => None,
+        })
+        .collect();
+    if puts.is_empty() {
+        return Ok(Vec::new());
     }
     // IMMEDIATE takes the write lock up front, so two processes queue for it (busy timeout)
     // instead of failing on a read-to-write upgrade.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    {
-        let mut upsert = tx.prepare_cached(UPSERT)?;
-        for message in batch {
-            if let Message::Put {
-                bucket, key, value, ..
-            } = message
-            {
-                upsert.execute(params![bucket, &key[..], &value[..]])?;
+    // Under the write lock every other process's rows are committed: the keys they wrote to
+    // these buckets are read in, so a key another run cached meanwhile is replaced.
+    let old: Vec<[Option<i64>; 2]> = {
+        let mut known = lock(&shared.known);
+        let own = lock(&shared.own);
+        let mut buckets: Vec<&str> = puts.iter().map(|put| put.0).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        for bucket in buckets {
+            if let Some(bucket_known) = known.get_mut(bucket) {
+                bucket_known.catch_up(&tx, bucket, &own)?;
             }
         }
+        puts.iter()
+            .map(|(bucket, key, _, _, replaces)| {
+                let now = known
+                    .get(*bucket)
+                    .and_then(|k| k.ids.get(&prefix(&key[..])).copied())
+                    .filter(|id| *id != PENDING && Some(*id) != *replaces);
+                [*replaces, now]
+            })
+            .collect()
+    };
+    let latest: Vec<bool> = {
+        let pending = lock(&shared.pending);
+        puts.iter()
+            .map(|(bucket, key, _, seq, _)| {
+                pending
+                    .get(*bucket)
+                    .and_then(|entries| entries.get(*key))
+                    .is_none_or(|(s, _)| s == seq)
+            })
+            .collect()
+    };
+    let mut ids = Vec::with_capacity(puts.len());
+    for ((bucket, key, value, _, _), (old, latest)) in puts.iter().zip(old.iter().zip(latest)) {
+        if !latest {
+            ids.push(None);
+            continue;
+        }
+        ids.push(Some(insert_entry(&tx, bucket, &key[..], value)?));
+        for old in old.iter().flatten() {
+            tx.prepare_cached(DELETE_BLOB)?
+                .execute(params![old, &key[..]])?;
+            tx.prepare_cached(DELETE_KEY)?
+                .execute(params![bucket, old, &key[..]])?;
+        }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(ids)
+}
+
+/// Append one entry; its id.
+fn insert_entry(
+    conn: &Connection,
+    bucket: &str,
+    key: &[u8],
+    value: &[u8],
+) -> rusqlite::Result<i64> {
+    conn.prepare_cached(INSERT_BLOB)?
+        .execute(params![key, value])?;
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached(INSERT_KEY)?
+        .execute(params![bucket, id, key])?;
+    Ok(id)
 }
 
 /// Make a new database ready, or check an existing one is. Several processes may open a
@@ -514,7 +697,7 @@ fn existing(root: &Path) -> io::Result<Option<Connection>> {
     let conn = connect(&path, false)?;
     let tables: u32 = conn
         .query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'entries'",
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'blobs'",
             [],
             |row| row.get(0),
         )
@@ -537,7 +720,8 @@ fn layout_1_buckets(root: &Path) -> io::Result<Vec<PathBuf>> {
 
 /// Move the entries of layout 1 into the database, one transaction per bucket, then delete
 /// the bucket's files. Another process may be doing the same at the same moment: both
-/// insert the same bytes, and a file the other one removed first is skipped.
+/// insert the same bytes (the later row is the one read), and a file the other one removed
+/// first is skipped.
 fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
     for bucket in layout_1_buckets(root)? {
         let Some(name) = bucket
@@ -551,7 +735,6 @@ fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
         {
-            let mut upsert = tx.prepare_cached(UPSERT).map_err(sql)?;
             for entry in walkdir::WalkDir::new(&bucket).into_iter().flatten() {
                 let file_name = entry.file_name().to_string_lossy();
                 let Ok(key) = blake3::Hash::from_hex(file_name.as_bytes()) else {
@@ -565,13 +748,63 @@ fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
                     Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
                     Err(err) => return Err(err),
                 };
-                upsert
-                    .execute(params![name, &key.as_bytes()[..], value])
-                    .map_err(sql)?;
+                insert_entry(&tx, &name, key.as_bytes(), &value).map_err(sql)?;
             }
         }
         tx.commit().map_err(sql)?;
         match std::fs::remove_dir_all(&bucket) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The files of layout 2: its database and the database's WAL and shared-memory files.
+fn layout_2_files(root: &Path) -> [PathBuf; 3] {
+    ["", "-wal", "-shm"].map(|end| root.join(format!("{DATABASE_2}{end}")))
+}
+
+/// Whether the folder still holds entries of an older layout, imported on open.
+fn has_older_layout(root: &Path) -> io::Result<bool> {
+    Ok(root.is_dir() && (root.join(DATABASE_2).is_file() || !layout_1_buckets(root)?.is_empty()))
+}
+
+/// Copy the entries of layout 2 (one table keyed by bucket and key) in, keeping their
+/// order, then delete its files. Another process opening the folder at the same moment
+/// waits for the write lock, and copies nothing twice: the ids are the old row ids.
+fn import_layout_2(root: &Path, conn: &mut Connection) -> io::Result<()> {
+    let old = root.join(DATABASE_2);
+    if !old.is_file() {
+        return Ok(());
+    }
+    let import = |conn: &mut Connection| -> rusqlite::Result<()> {
+        conn.execute("ATTACH DATABASE ?1 AS old", params![old.to_string_lossy()])?;
+        let copied = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tables: u32 = tx.query_row(
+                "SELECT COUNT(*) FROM old.sqlite_master WHERE type = 'table' AND name = 'entries'",
+                [],
+                |row| row.get(0),
+            )?;
+            if tables > 0 {
+                tx.execute_batch(
+                    "INSERT OR IGNORE INTO blobs (id, key, value)                          SELECT rowid, key, value FROM old.entries ORDER BY rowid;                      INSERT OR IGNORE INTO keys (bucket, id, key)                          SELECT bucket, rowid, key FROM old.entries;",
+                )?;
+            }
+            tx.commit()
+        })();
+        conn.execute("DETACH DATABASE old", [])?;
+        copied
+    };
+    import(conn).map_err(|err| {
+        io::Error::other(format!(
+            "cannot import the cache's older database {}: {err}; `keg cache clear` removes it",
+            old.display()
+        ))
+    })?;
+    for path in layout_2_files(root) {
+        match std::fs::remove_file(&path) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
             _ => {}
         }
@@ -609,7 +842,10 @@ mod tests {
             Some(&b"1"[..])
         );
         assert_eq!(here.get("calls-v1", &never).unwrap(), None);
-        assert!(!here.may_hold("calls-v1", never.as_bytes()).unwrap());
+        assert_eq!(
+            here.row_of("calls-v1", never.as_bytes(), false).unwrap(),
+            None
+        );
         // Written by the other process after that: found once the reader catches up.
         there.put("calls-v1", &new, b"2").unwrap();
         there.flush().unwrap();
@@ -618,9 +854,12 @@ mod tests {
             here.get("calls-v1", &new).unwrap().as_deref(),
             Some(&b"2"[..])
         );
-        // This process's own puts are known at once, committed or not.
+        // This process's own puts are found at once, committed or not.
         here.put("calls-v1", &never, b"3").unwrap();
-        assert!(here.may_hold("calls-v1", never.as_bytes()).unwrap());
+        assert_eq!(
+            here.get("calls-v1", &never).unwrap().as_deref(),
+            Some(&b"3"[..])
+        );
         here.flush().unwrap();
         assert_eq!(
             here.get("calls-v1", &never).unwrap().as_deref(),
@@ -628,6 +867,56 @@ mod tests {
         );
         // Another bucket is read in on its own.
         assert_eq!(here.get("records-v1", &old).unwrap(), None);
+    }
+
+    #[test]
+    fn catching_up_steps_over_the_rows_this_process_wrote_and_reads_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = DiskStore::open(dir.path()).unwrap();
+        let there = DiskStore::open(dir.path()).unwrap();
+        let keys: Vec<_> = (0u8..6).map(|i| blake3::hash(&[i])).collect();
+        assert_eq!(here.get("calls-v1", &keys[5]).unwrap(), None);
+        // Ids 1–2 here, 3 there, 4–5 here, 6 there.
+        for (store, key) in [
+            (&here, 0),
+            (&here, 1),
+            (&there, 2),
+            (&here, 3),
+            (&here, 4),
+            (&there, 5),
+        ] {
+            store.put("calls-v1", &keys[key], &[key as u8]).unwrap();
+            store.flush().unwrap();
+        }
+        assert_eq!(*lock(&here.shared.own), [(0, 2), (3, 5)]);
+        std::thread::sleep(CATCH_UP * 2);
+        for (id, key) in (1..).zip(&keys) {
+            assert_eq!(
+                here.row_of("calls-v1", key.as_bytes(), false).unwrap(),
+                Some(id)
+            );
+        }
+        assert_eq!(
+            here.get("calls-v1", &keys[5]).unwrap().as_deref(),
+            Some(&[5u8][..])
+        );
+        // The ranges it stepped over are dropped once every bucket read is past them.
+        assert_eq!(*lock(&here.shared.own), []);
+
+        // The rows in the ranges are not read: a key there would not be found.
+        let conn = connect(&dir.path().join(DATABASE), false).unwrap();
+        let mut known = Known::load(&conn, "calls-v1").unwrap();
+        known.ids.clear();
+        known.through = 0;
+        known
+            .catch_up(&conn, "calls-v1", &[(0, 2), (3, 5)])
+            .unwrap();
+        let found: Vec<bool> = keys
+            .iter()
+            .map(|k| known.ids.contains_key(&prefix(k.as_bytes())))
+            .collect();
+        assert_eq!(found, [false, false, true, false, false, true]);
+        assert_eq!(known.through, 6);
     }
 
     #[test]
@@ -727,11 +1016,129 @@ mod tests {
                 });
             }
         });
+        // `a` read the bucket's keys in at its first put; `b`'s are read in once
+        // [`CATCH_UP`] has passed since.
+        std::thread::sleep(CATCH_UP * 2);
         let key = blake3::hash(&[&7u32.to_le_bytes()[..], &[1]].concat());
         assert_eq!(a.get("b", &key).unwrap(), Some(vec![1; 100]));
+        let key = blake3::hash(&[&7u32.to_le_bytes()[..], &[0]].concat());
+        assert_eq!(b.get("b", &key).unwrap(), Some(vec![0; 100]));
         assert_eq!(
             DiskStore::stats(dir.path()).unwrap(),
             vec![("b".to_owned(), 1000, 100_000)]
+        );
+    }
+
+    #[test]
+    fn a_key_written_again_replaces_its_row_here_and_in_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = DiskStore::open(dir.path()).unwrap();
+        let there = DiskStore::open(dir.path()).unwrap();
+        let key = blake3::hash(b"k");
+        here.put("outputs-v1", &key, b"first").unwrap();
+        here.flush().unwrap();
+        std::thread::sleep(CATCH_UP * 2);
+        assert_eq!(
+            there.get("outputs-v1", &key).unwrap().as_deref(),
+            Some(&b"first"[..])
+        );
+        here.put("outputs-v1", &key, b"second").unwrap();
+        here.flush().unwrap();
+        // `there` knows the first row, which is gone: it reads the new one in at once.
+        assert_eq!(
+            there.get("outputs-v1", &key).unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+        there.put("outputs-v1", &key, b"third").unwrap();
+        there.flush().unwrap();
+        drop((here, there));
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("outputs-v1".to_owned(), 1, 5)]
+        );
+        let store = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get("outputs-v1", &key).unwrap().as_deref(),
+            Some(&b"third"[..])
+        );
+    }
+
+    #[test]
+    fn a_key_put_by_two_stores_or_twice_in_one_batch_is_kept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            DiskStore::open(dir.path()).unwrap(),
+            DiskStore::open(dir.path()).unwrap(),
+        );
+        let (k, twice) = (blake3::hash(b"k"), blake3::hash(b"twice"));
+        // Neither has seen the other's row when it puts.
+        a.put("calls-v1", &k, b"a").unwrap();
+        b.put("calls-v1", &k, b"b").unwrap();
+        a.flush().unwrap();
+        b.flush().unwrap();
+        a.put("calls-v1", &twice, b"1").unwrap();
+        a.put("calls-v1", &twice, b"2").unwrap();
+        a.flush().unwrap();
+        assert_eq!(a.get("calls-v1", &twice).unwrap(), Some(b"2".to_vec()));
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("calls-v1".to_owned(), 2, 2)]
+        );
+        drop((a, b));
+        let store = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(store.get("calls-v1", &k).unwrap(), Some(b"b".to_vec()));
+    }
+
+    #[test]
+    fn layout_2_entries_are_imported_once_in_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<_> = (0u8..3).map(|i| blake3::hash(&[i])).collect();
+        {
+            let old = Connection::open(dir.path().join(DATABASE_2)).unwrap();
+            old.execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE entries (bucket TEXT NOT NULL, \
+                 key BLOB NOT NULL, value BLOB NOT NULL, PRIMARY KEY (bucket, key))",
+            )
+            .unwrap();
+            for (i, key) in keys.iter().enumerate() {
+                old.execute(
+                    "INSERT INTO entries (bucket, key, value) VALUES (?1, ?2, ?3)",
+                    params![
+                        if i == 2 { "documents-v1" } else { "calls-v1" },
+                        &key.as_bytes()[..],
+                        vec![b'v'; i + 1]
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![
+                ("calls-v1".to_owned(), 2, 3),
+                ("documents-v1".to_owned(), 1, 3)
+            ]
+        );
+        for path in layout_2_files(dir.path()) {
+            assert!(!path.exists(), "{} is left", path.display());
+        }
+        let store = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get("calls-v1", &keys[1]).unwrap(),
+            Some(b"vv".to_vec())
+        );
+        assert_eq!(
+            store.get("documents-v1", &keys[2]).unwrap(),
+            Some(b"vvv".to_vec())
+        );
+        assert_eq!(store.get("documents-v1", &keys[0]).unwrap(), None);
+        // New entries follow the imported ones.
+        let new = blake3::hash(b"new");
+        store.put("calls-v1", &new, b"n").unwrap();
+        store.flush().unwrap();
+        assert_eq!(
+            store.row_of("calls-v1", new.as_bytes(), false).unwrap(),
+            Some(4)
         );
     }
 

@@ -271,14 +271,17 @@ impl Generate {
         if calls.mode == Mode::Plan {
             return Ok(None);
         }
-        let Ok(_permit) = self.provider.limit.acquire().await else {
+        let Ok(permit) = self.provider.limit.acquire().await else {
             return Err(Resolution::Interrupted);
         };
         queued.started();
         if calls.stopping() {
             return Err(Resolution::Interrupted);
         }
-        match self.provider.send(&request.body).await {
+        let sent = self.provider.send(&request.body).await;
+        // The next call may start while this one's reply is cached.
+        drop(permit);
+        match sent {
             Ok((reply, retries)) => {
                 StageStats::add(&calls.stats.retries, u64::from(retries));
                 // Tokens count what this run spent; cached replies cost nothing now.

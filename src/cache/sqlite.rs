@@ -824,56 +824,58 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// Put and wait until it is committed.
+    fn put_now(store: &DiskStore, bucket: &str, key: &blake3::Hash, value: &[u8]) {
+        store.put(bucket, key, value).unwrap();
+        store.flush().unwrap();
+    }
+
+    fn value(store: &DiskStore, bucket: &str, key: &blake3::Hash) -> Option<Vec<u8>> {
+        store.get(bucket, key).unwrap()
+    }
+
+    /// Two stores on one new folder, as two processes would have.
+    fn two_stores() -> (tempfile::TempDir, DiskStore, DiskStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            DiskStore::open(dir.path()).unwrap(),
+            DiskStore::open(dir.path()).unwrap(),
+        );
+        (dir, a, b)
+    }
+
     #[test]
     fn keys_another_process_writes_are_found_and_missing_keys_are_answered_from_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let here = DiskStore::open(dir.path()).unwrap();
-        let there = DiskStore::open(dir.path()).unwrap();
+        let (_dir, here, there) = two_stores();
         let (old, new, never) = (
             blake3::hash(b"old"),
             blake3::hash(b"new"),
             blake3::hash(b"-"),
         );
-        there.put("calls-v1", &old, b"1").unwrap();
-        there.flush().unwrap();
+        put_now(&there, "calls-v1", &old, b"1");
         // The first lookup reads the bucket's keys in.
-        assert_eq!(
-            here.get("calls-v1", &old).unwrap().as_deref(),
-            Some(&b"1"[..])
-        );
+        assert_eq!(value(&here, "calls-v1", &old), Some(b"1".to_vec()));
         assert_eq!(here.get("calls-v1", &never).unwrap(), None);
         assert_eq!(
             here.row_of("calls-v1", never.as_bytes(), false).unwrap(),
             None
         );
         // Written by the other process after that: found once the reader catches up.
-        there.put("calls-v1", &new, b"2").unwrap();
-        there.flush().unwrap();
+        put_now(&there, "calls-v1", &new, b"2");
         std::thread::sleep(CATCH_UP * 2);
-        assert_eq!(
-            here.get("calls-v1", &new).unwrap().as_deref(),
-            Some(&b"2"[..])
-        );
+        assert_eq!(value(&here, "calls-v1", &new), Some(b"2".to_vec()));
         // This process's own puts are found at once, committed or not.
         here.put("calls-v1", &never, b"3").unwrap();
-        assert_eq!(
-            here.get("calls-v1", &never).unwrap().as_deref(),
-            Some(&b"3"[..])
-        );
+        assert_eq!(value(&here, "calls-v1", &never), Some(b"3".to_vec()));
         here.flush().unwrap();
-        assert_eq!(
-            here.get("calls-v1", &never).unwrap().as_deref(),
-            Some(&b"3"[..])
-        );
+        assert_eq!(value(&here, "calls-v1", &never), Some(b"3".to_vec()));
         // Another bucket is read in on its own.
         assert_eq!(here.get("records-v1", &old).unwrap(), None);
     }
 
     #[test]
     fn catching_up_steps_over_the_rows_this_process_wrote_and_reads_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let here = DiskStore::open(dir.path()).unwrap();
-        let there = DiskStore::open(dir.path()).unwrap();
+        let (dir, here, there) = two_stores();
         let keys: Vec<_> = (0u8..6).map(|i| blake3::hash(&[i])).collect();
         assert_eq!(here.get("calls-v1", &keys[5]).unwrap(), None);
         // Ids 1–2 here, 3 there, 4–5 here, 6 there.
@@ -885,8 +887,7 @@ mod tests {
             (&here, 4),
             (&there, 5),
         ] {
-            store.put("calls-v1", &keys[key], &[key as u8]).unwrap();
-            store.flush().unwrap();
+            put_now(store, "calls-v1", &keys[key], &[key as u8]);
         }
         assert_eq!(*lock(&here.shared.own), [(0, 2), (3, 5)]);
         std::thread::sleep(CATCH_UP * 2);
@@ -928,15 +929,9 @@ mod tests {
         assert_eq!(store.get("calls-v1", &key).unwrap(), None);
         store.put("calls-v1", &key, b"value").unwrap();
         // Seen at once, before the writer has committed it.
-        assert_eq!(
-            store.get("calls-v1", &key).unwrap().as_deref(),
-            Some(&b"value"[..])
-        );
+        assert_eq!(value(&store, "calls-v1", &key), Some(b"value".to_vec()));
         store.flush().unwrap();
-        assert_eq!(
-            store.get("calls-v1", &key).unwrap().as_deref(),
-            Some(&b"value"[..])
-        );
+        assert_eq!(value(&store, "calls-v1", &key), Some(b"value".to_vec()));
         assert!(root.join("CACHEDIR.TAG").is_file());
         assert!(root.join(DATABASE).is_file());
         assert_eq!(
@@ -986,8 +981,7 @@ mod tests {
                     scope.spawn(move || {
                         barrier.wait();
                         let store = DiskStore::open(root).unwrap();
-                        store.put("b", &blake3::hash(&[i]), &[i]).unwrap();
-                        store.flush().unwrap();
+                        put_now(&store, "b", &blake3::hash(&[i]), &[i]);
                     });
                 }
             });
@@ -1000,11 +994,7 @@ mod tests {
 
     #[test]
     fn two_stores_on_one_folder_write_at_once_and_read_each_other() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (
-            DiskStore::open(dir.path()).unwrap(),
-            DiskStore::open(dir.path()).unwrap(),
-        );
+        let (dir, a, b) = two_stores();
         std::thread::scope(|scope| {
             for (store, tag) in [(&a, 0u8), (&b, 1u8)] {
                 scope.spawn(move || {
@@ -1031,54 +1021,36 @@ mod tests {
 
     #[test]
     fn a_key_written_again_replaces_its_row_here_and_in_another_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let here = DiskStore::open(dir.path()).unwrap();
-        let there = DiskStore::open(dir.path()).unwrap();
+        let (dir, here, there) = two_stores();
         let key = blake3::hash(b"k");
-        here.put("outputs-v1", &key, b"first").unwrap();
-        here.flush().unwrap();
+        put_now(&here, "outputs-v1", &key, b"first");
         std::thread::sleep(CATCH_UP * 2);
-        assert_eq!(
-            there.get("outputs-v1", &key).unwrap().as_deref(),
-            Some(&b"first"[..])
-        );
-        here.put("outputs-v1", &key, b"second").unwrap();
-        here.flush().unwrap();
+        assert_eq!(value(&there, "outputs-v1", &key), Some(b"first".to_vec()));
+        put_now(&here, "outputs-v1", &key, b"second");
         // `there` knows the first row, which is gone: it reads the new one in at once.
-        assert_eq!(
-            there.get("outputs-v1", &key).unwrap().as_deref(),
-            Some(&b"second"[..])
-        );
-        there.put("outputs-v1", &key, b"third").unwrap();
-        there.flush().unwrap();
+        assert_eq!(value(&there, "outputs-v1", &key), Some(b"second".to_vec()));
+        put_now(&there, "outputs-v1", &key, b"third");
         drop((here, there));
         assert_eq!(
             DiskStore::stats(dir.path()).unwrap(),
             vec![("outputs-v1".to_owned(), 1, 5)]
         );
         let store = DiskStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.get("outputs-v1", &key).unwrap().as_deref(),
-            Some(&b"third"[..])
-        );
+        assert_eq!(value(&store, "outputs-v1", &key), Some(b"third".to_vec()));
     }
 
     #[test]
     fn a_key_put_by_two_stores_or_twice_in_one_batch_is_kept_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (
-            DiskStore::open(dir.path()).unwrap(),
-            DiskStore::open(dir.path()).unwrap(),
-        );
+        let (dir, a, b) = two_stores();
         let (k, twice) = (blake3::hash(b"k"), blake3::hash(b"twice"));
-        // Neither has seen the other's row when it puts.
-        a.put("calls-v1", &k, b"a").unwrap();
-        b.put("calls-v1", &k, b"b").unwrap();
-        a.flush().unwrap();
-        b.flush().unwrap();
+        // Both read the bucket's keys in before either writes: `b` puts without having
+        // seen `a`'s row, and its writer finds it under the write lock.
+        assert_eq!(value(&a, "calls-v1", &k), None);
+        assert_eq!(value(&b, "calls-v1", &k), None);
+        put_now(&a, "calls-v1", &k, b"a");
+        put_now(&b, "calls-v1", &k, b"b");
         a.put("calls-v1", &twice, b"1").unwrap();
-        a.put("calls-v1", &twice, b"2").unwrap();
-        a.flush().unwrap();
+        put_now(&a, "calls-v1", &twice, b"2");
         assert_eq!(a.get("calls-v1", &twice).unwrap(), Some(b"2".to_vec()));
         assert_eq!(
             DiskStore::stats(dir.path()).unwrap(),
@@ -1134,8 +1106,7 @@ mod tests {
         assert_eq!(store.get("documents-v1", &keys[0]).unwrap(), None);
         // New entries follow the imported ones.
         let new = blake3::hash(b"new");
-        store.put("calls-v1", &new, b"n").unwrap();
-        store.flush().unwrap();
+        put_now(&store, "calls-v1", &new, b"n");
         assert_eq!(
             store.row_of("calls-v1", new.as_bytes(), false).unwrap(),
             Some(4)
@@ -1156,10 +1127,7 @@ mod tests {
             vec![("calls-v1".to_owned(), 1, 9)]
         );
         let store = DiskStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.get("calls-v1", &key).unwrap().as_deref(),
-            Some(&b"old reply"[..])
-        );
+        assert_eq!(value(&store, "calls-v1", &key), Some(b"old reply".to_vec()));
         assert!(!dir.path().join("calls-v1").exists());
         assert_eq!(
             DiskStore::stats(dir.path()).unwrap(),

@@ -121,15 +121,26 @@ struct Shared {
 type Bucket = HashMap<[u8; 32], (u64, Arc<[u8]>)>;
 
 enum Message {
-    Put {
-        bucket: String,
-        key: [u8; 32],
-        value: Arc<[u8]>,
-        seq: u64,
-        /// The row this entry replaces, when the key was known to be cached.
-        replaces: Option<i64>,
-    },
+    Put(Put),
     Flush(mpsc::SyncSender<()>),
+}
+
+struct Put {
+    bucket: String,
+    key: [u8; 32],
+    value: Arc<[u8]>,
+    seq: u64,
+    /// The row this entry replaces, when the key was known to be cached.
+    replaces: Option<i64>,
+}
+
+impl Message {
+    fn put(&self) -> Option<&Put> {
+        match self {
+            Message::Put(put) => Some(put),
+            Message::Flush(_) => None,
+        }
+    }
 }
 
 impl DiskStore {
@@ -350,13 +361,13 @@ impl Store for DiskStore {
         self.shared
             .queued_bytes
             .fetch_add(value.len(), Ordering::Relaxed);
-        let message = Message::Put {
+        let message = Message::Put(Put {
             bucket: bucket.to_owned(),
             key,
             value,
             seq,
             replaces,
-        };
+        });
         self.sender
             .as_ref()
             .and_then(|sender| sender.send(message).ok())
@@ -412,22 +423,24 @@ impl Known {
         let mut statement = conn.prepare_cached(
             "SELECT id, key FROM keys WHERE bucket = ?1 AND id > ?2 AND id <= ?3",
         )?;
-        let start = self.through;
-        let later = own.iter().filter(|(_, last)| *last > start);
         // Transactions commit one at a time, in the order of their ids: what one read sees
         // is every row up to some id, and rows below an own range were committed before it.
-        for (until, skip_to) in later.copied().chain([(i64::MAX, i64::MAX)]) {
-            if until > self.through {
-                let mut rows = statement.query(params![bucket, self.through, until])?;
+        let mut read_up_to = |known: &mut Known, until: i64| -> rusqlite::Result<()> {
+            if until > known.through {
+                let mut rows = statement.query(params![bucket, known.through, until])?;
                 while let Some(row) = rows.next()? {
-                    self.insert(row.get(0)?, row.get_ref(1)?.as_blob()?);
+                    known.insert(row.get(0)?, row.get_ref(1)?.as_blob()?);
                 }
             }
-            if until == i64::MAX {
-                break;
+            Ok(())
+        };
+        for &(first, last) in own {
+            if last > self.through {
+                read_up_to(self, first)?;
+                self.through = self.through.max(last);
             }
-            self.through = self.through.max(skip_to);
         }
+        read_up_to(self, i64::MAX)?;
         self.caught_up = Instant::now();
         Ok(())
     }
@@ -459,11 +472,11 @@ impl Shared {
 fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: &Shared) {
     let mut batch = Vec::with_capacity(BATCH);
     let take = |batch: &mut Vec<Message>, message: Message| {
-        if let Message::Put { value, .. } = &message {
+        if let Some(put) = message.put() {
             shared.queued.fetch_sub(1, Ordering::Relaxed);
             shared
                 .queued_bytes
-                .fetch_sub(value.len(), Ordering::Relaxed);
+                .fetch_sub(put.value.len(), Ordering::Relaxed);
         }
         batch.push(message);
     };
@@ -487,7 +500,8 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: 
                 Err(_) => break,
             }
         }
-        let ids = match write_batch(&mut conn, &batch, shared) {
+        let puts: Vec<&Put> = batch.iter().filter_map(Message::put).collect();
+        let ids = match write_batch(&mut conn, &puts, shared) {
             Ok(ids) => ids,
             Err(err) => {
                 lock(&shared.failed).get_or_insert_with(|| err.to_string());
@@ -507,34 +521,29 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: 
         // Each committed key gets its id before it leaves `pending` (see `known_bucket`).
         {
             let mut known = lock(&shared.known);
-            let puts = batch.iter().filter_map(|message| match message {
-                Message::Put { bucket, key, .. } => Some((bucket, key)),
-                Message::Flush(_) => None,
-            });
-            for ((bucket, key), id) in puts.zip(&ids) {
+            for (put, id) in puts.iter().zip(&ids) {
                 // Not `Known::insert`: rows of other processes may lie below these ids,
                 // not yet read in, so `through` stays where catching up left it.
-                if let (Some(bucket), Some(id)) = (known.get_mut(bucket.as_str()), id) {
-                    bucket.ids.insert(prefix(key), *id);
+                if let (Some(bucket), Some(id)) = (known.get_mut(put.bucket.as_str()), id) {
+                    bucket.ids.insert(prefix(&put.key), *id);
                 }
             }
         }
-        let mut entries = lock(&shared.pending);
+        {
+            let mut entries = lock(&shared.pending);
+            for put in &puts {
+                // A later `put` of the same key stays pending until its own batch.
+                if let Some(bucket) = entries.get_mut(&put.bucket)
+                    && bucket.get(&put.key).is_some_and(|(s, _)| *s == put.seq)
+                {
+                    bucket.remove(&put.key);
+                }
+            }
+        }
+        drop(puts);
         for message in batch.drain(..) {
-            match message {
-                Message::Put {
-                    bucket, key, seq, ..
-                } => {
-                    // A later `put` of the same key stays pending until its own batch.
-                    if let Some(bucket) = entries.get_mut(&bucket)
-                        && bucket.get(&key).is_some_and(|(s, _)| *s == seq)
-                    {
-                        bucket.remove(&key);
-                    }
-                }
-                Message::Flush(done) => {
-                    let _ = done.send(());
-                }
+            if let Message::Flush(done) = message {
+                let _ = done.send(());
             }
         }
     }
@@ -545,22 +554,9 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: 
 /// has its old row removed: the cache holds one row per key.
 fn write_batch(
     conn: &mut Connection,
-    batch: &[Message],
+    puts: &[&Put],
     shared: &Shared,
 ) -> rusqlite::Result<Vec<Option<i64>>> {
-    let puts: Vec<_> = batch
-        .iter()
-        .filter_map(|message| match message {
-            Message::Put {
-                bucket,
-                key,
-                value,
-                seq,
-                replaces,
-            } => Some((bucket.as_str(), key, value, *seq, *replaces)),
-            Message::Flush(_) => None,
-        })
-        .collect();
     if puts.is_empty() {
         return Ok(Vec::new());
     }
@@ -572,7 +568,7 @@ fn write_batch(
     let old: Vec<[Option<i64>; 2]> = {
         let mut known = lock(&shared.known);
         let own = lock(&shared.own);
-        let mut buckets: Vec<&str> = puts.iter().map(|put| put.0).collect();
+        let mut buckets: Vec<&str> = puts.iter().map(|put| put.bucket.as_str()).collect();
         buckets.sort_unstable();
         buckets.dedup();
         for bucket in buckets {
@@ -581,38 +577,39 @@ fn write_batch(
             }
         }
         puts.iter()
-            .map(|(bucket, key, _, _, replaces)| {
+            .map(|put| {
                 let now = known
-                    .get(*bucket)
-                    .and_then(|k| k.ids.get(&prefix(&key[..])).copied())
-                    .filter(|id| *id != PENDING && Some(*id) != *replaces);
-                [*replaces, now]
+                    .get(put.bucket.as_str())
+                    .and_then(|k| k.ids.get(&prefix(&put.key)).copied())
+                    .filter(|id| *id != PENDING && Some(*id) != put.replaces);
+                [put.replaces, now]
             })
             .collect()
     };
+    // A put that a later one of the same key supersedes is not written.
     let latest: Vec<bool> = {
         let pending = lock(&shared.pending);
         puts.iter()
-            .map(|(bucket, key, _, seq, _)| {
+            .map(|put| {
                 pending
-                    .get(*bucket)
-                    .and_then(|entries| entries.get(*key))
-                    .is_none_or(|(s, _)| s == seq)
+                    .get(&put.bucket)
+                    .and_then(|entries| entries.get(&put.key))
+                    .is_none_or(|(seq, _)| *seq == put.seq)
             })
             .collect()
     };
     let mut ids = Vec::with_capacity(puts.len());
-    for ((bucket, key, value, _, _), (old, latest)) in puts.iter().zip(old.iter().zip(latest)) {
+    for ((put, old), latest) in puts.iter().zip(&old).zip(latest) {
         if !latest {
             ids.push(None);
             continue;
         }
-        ids.push(Some(insert_entry(&tx, bucket, &key[..], value)?));
+        ids.push(Some(insert_entry(&tx, &put.bucket, &put.key, &put.value)?));
         for old in old.iter().flatten() {
             tx.prepare_cached(DELETE_BLOB)?
-                .execute(params![old, &key[..]])?;
+                .execute(params![old, &put.key[..]])?;
             tx.prepare_cached(DELETE_KEY)?
-                .execute(params![bucket, old, &key[..]])?;
+                .execute(params![put.bucket, old, &put.key[..]])?;
         }
     }
     tx.commit()?;
@@ -780,20 +777,7 @@ fn import_layout_2(root: &Path, conn: &mut Connection) -> io::Result<()> {
     }
     let import = |conn: &mut Connection| -> rusqlite::Result<()> {
         conn.execute("ATTACH DATABASE ?1 AS old", params![old.to_string_lossy()])?;
-        let copied = (|| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let tables: u32 = tx.query_row(
-                "SELECT COUNT(*) FROM old.sqlite_master WHERE type = 'table' AND name = 'entries'",
-                [],
-                |row| row.get(0),
-            )?;
-            if tables > 0 {
-                tx.execute_batch(
-                    "INSERT OR IGNORE INTO blobs (id, key, value)                          SELECT rowid, key, value FROM old.entries ORDER BY rowid;                      INSERT OR IGNORE INTO keys (bucket, id, key)                          SELECT bucket, rowid, key FROM old.entries;",
-                )?;
-            }
-            tx.commit()
-        })();
+        let copied = copy_layout_2(conn);
         conn.execute("DETACH DATABASE old", [])?;
         copied
     };
@@ -810,6 +794,26 @@ fn import_layout_2(root: &Path, conn: &mut Connection) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Copy the entries of the attached layout 2 database `old`, if it has any, keeping their
+/// row ids as ids.
+fn copy_layout_2(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tables: u32 = tx.query_row(
+        "SELECT COUNT(*) FROM old.sqlite_master WHERE type = 'table' AND name = 'entries'",
+        [],
+        |row| row.get(0),
+    )?;
+    if tables > 0 {
+        tx.execute_batch(
+            "INSERT OR IGNORE INTO blobs (id, key, value)
+                 SELECT rowid, key, value FROM old.entries ORDER BY rowid;
+             INSERT OR IGNORE INTO keys (bucket, id, key)
+                 SELECT bucket, rowid, key FROM old.entries;",
+        )?;
+    }
+    tx.commit()
 }
 
 fn sql(err: rusqlite::Error) -> io::Error {

@@ -326,6 +326,8 @@ fn run() -> Result<ExitCode> {
         Some(root) => root.join(format!("keg-bench-{}", std::process::id())),
         None => work.clone(),
     };
+    // What fresh memory costs on a calm machine, before the bench has freed any.
+    keg::settle()?;
     let mock = Mock::start(Behavior::default())?;
     progress(&format!(
         "{} run of {} ({}), mock at {}, work in {}",

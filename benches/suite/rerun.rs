@@ -142,6 +142,19 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             Goal::AtMost(1.0),
         ),
     );
+    bench.push(
+        Figure::new(
+            "4b",
+            "  that run: keg CPU, peak memory, pages touched first; a fresh page just before it",
+        )
+        .info(format!(
+            "{:.2} s CPU, {}, {} pages; {:.1} µs",
+            edit_run.cpu.as_secs_f64(),
+            megabytes(edit_run.max_rss),
+            thousands(edit_run.page_faults),
+            edit_run.fresh_page.as_secs_f64() * 1e6,
+        )),
+    );
     Ok(())
 }
 

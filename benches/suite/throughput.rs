@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 
-use crate::keg::Invocation;
+use crate::keg::{Invocation, fresh_page_cost};
 use crate::mock::{Behavior, Window};
 use crate::report::{Figure, Goal, thousands};
 use crate::{Bench, baseline, progress};
@@ -37,6 +37,7 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 .set("concurrency", concurrency)
                 .flag("--no-cache"),
         )?;
+        let fresh_after = fresh_page_cost()?;
         let window = bench.mock.window();
         // The same bodies from the barrier-free client: what this machine allows right now.
         let bodies = bench.mock.take_bodies();
@@ -115,6 +116,19 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 run.wall.as_secs_f64(),
                 run.cpu.as_secs_f64(),
                 run.max_rss / 1_000_000,
+            )),
+        );
+        bench.push(
+            Figure::new(
+                cpu_id,
+                "  that run: pages keg touched first (page faults); what a fresh page cost just before and after it",
+            )
+            .info(format!(
+                "{} pages ({:.2} per call); {:.1} µs, {:.1} µs",
+                thousands(run.page_faults),
+                run.page_faults as f64 / window.requests.max(1) as f64,
+                run.fresh_page.as_secs_f64() * 1e6,
+                fresh_after.as_secs_f64() * 1e6,
             )),
         );
     }

@@ -20,6 +20,11 @@ mod report;
 mod rerun;
 mod throughput;
 
+// `keg`'s own allocator: the mock and the barrier-free client run in this process, on the
+// same two cores as `keg`, and the micro scenarios time `keg`'s code in process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

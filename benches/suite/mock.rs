@@ -482,7 +482,8 @@ fn completion(body: &[u8], digest: &blake3::Hash, answer_chars: usize) -> Result
     let count = item_count(user).unwrap_or(2);
     let passage = passage(user);
     let tag = &digest.to_hex()[..16];
-    let words: Vec<&str> = passage.split_whitespace().collect();
+    let mut words: Vec<&str> = Vec::with_capacity(passage.len() / 4);
+    words.extend(passage.split_whitespace());
     let pairs = (1..=count)
         .map(|i| {
             let word = if words.is_empty() {
@@ -496,7 +497,17 @@ fn completion(body: &[u8], digest: &blake3::Hash, answer_chars: usize) -> Result
             }
         })
         .collect();
-    let content = serde_json::to_string(&Pairs { pairs }).map_err(|e| e.to_string())?;
+    let pairs = Pairs { pairs };
+    let mut content = Vec::with_capacity(
+        pairs
+            .pairs
+            .iter()
+            .map(|p| p.question.len() + p.answer.len() + 32)
+            .sum::<usize>()
+            + 16,
+    );
+    serde_json::to_writer(&mut content, &pairs).map_err(|e| e.to_string())?;
+    let content = String::from_utf8(content).map_err(|e| e.to_string())?;
     let prompt_tokens = request
         .messages
         .iter()
@@ -523,9 +534,10 @@ fn completion(body: &[u8], digest: &blake3::Hash, answer_chars: usize) -> Result
             total_tokens: prompt_tokens + completion_tokens,
         },
     };
-    serde_json::to_vec(&reply)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    // Sized up front: the content is escaped once more inside the reply.
+    let mut bytes = Vec::with_capacity(reply.choices[0].message.content.len() * 9 / 8 + 512);
+    serde_json::to_writer(&mut bytes, &reply).map_err(|e| e.to_string())?;
+    Ok(Bytes::from(bytes))
 }
 
 /// The N of the last `Write N` in the prompt (the shipped `qa/user.j2` says
@@ -557,11 +569,14 @@ fn excerpt(text: &str, offset: usize, chars: usize) -> String {
     while !text.is_char_boundary(start) {
         start -= 1;
     }
-    text[start..]
-        .chars()
-        .chain(" ".chars())
-        .chain(text.chars())
-        .take(chars.max(1))
-        .map(|c| if c.is_whitespace() { ' ' } else { c })
-        .collect()
+    let mut out = String::with_capacity(chars.max(1) + 8);
+    out.extend(
+        text[start..]
+            .chars()
+            .chain(" ".chars())
+            .chain(text.chars())
+            .take(chars.max(1))
+            .map(|c| if c.is_whitespace() { ' ' } else { c }),
+    );
+    out
 }

@@ -110,7 +110,7 @@ pub struct Measured {
     pub cpu: Duration,
     pub max_rss: u64,
     /// Pages first touched (minor page faults): each costs a page of fresh memory, whose
-    /// price varies with the machine (see `fresh_memory_calibration` in `throughput.rs`).
+    /// price varies with the machine (see [`fresh_page_cost`]).
     pub page_faults: u64,
     /// What a page of fresh memory cost when the run started (see [`settle`]).
     pub fresh_page: Duration,

@@ -661,12 +661,14 @@ fn calls_share_connections_kept_open() {
 }
 
 /// The shipped pipeline, with `fields` added to its provider, run against `base_url` (a
-/// server other than the mock) as kind `openai`.
+/// server other than the mock) as kind `openai`; the mock the pipeline names gets nothing.
 fn run_against(ws: &Workspace, base_url: &str, fields: &[&str]) -> std::process::Output {
     let mock = MockLlm::start(Behavior::default());
     let pipeline = shipped_with_provider_fields(ws, fields);
     let sets = [("base_url", base_url)];
-    run_with(ws, &pipeline, &mock, Kind::OpenAi, &sets, &[])
+    let output = run_with(ws, &pipeline, &mock, Kind::OpenAi, &sets, &[]);
+    assert_eq!(mock.requests(), 0, "`base_url` was not followed");
+    output
 }
 
 #[test]

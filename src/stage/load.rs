@@ -137,17 +137,6 @@ impl Pattern {
         })
     }
 
-    /// Whether the walk goes into this folder, `depth` levels below `base`.
-    fn enters(&self, depth: usize, name: &std::ffi::OsStr) -> bool {
-        match &self.folders {
-            None => true,
-            Some(folders) => depth
-                .checked_sub(1)
-                .and_then(|i| folders.get(i))
-                .is_some_and(|folder| folder.is_match(name)),
-        }
-    }
-
     /// Matching files as (path to read, path relative to the base), sorted.
     fn files(&self) -> Vec<(PathBuf, String)> {
         let mut out = Vec::new();
@@ -160,22 +149,27 @@ impl Pattern {
             out.push((self.base.clone(), name));
             return out;
         }
+        let matches = |path: &Path| {
+            self.matcher
+                .as_ref()
+                .is_none_or(|m| m.is_match(path.strip_prefix("./").unwrap_or(path)))
+        };
+        if self.folders.is_some() {
+            for (folder, relative) in self.match_folders() {
+                for (path, name, kind) in sorted_entries(&folder) {
+                    if kind.is_some_and(|k| k.is_file()) && matches(&path) {
+                        out.push((path, format!("{relative}{}", name.to_string_lossy())));
+                    }
+                }
+            }
+            return out;
+        }
         let walk = walkdir::WalkDir::new(&self.base)
             .follow_links(true)
             .sort_by_file_name();
-        let walk = walk.into_iter().filter_entry(|e| {
-            e.depth() == 0 || !e.file_type().is_dir() || self.enters(e.depth(), e.file_name())
-        });
-        for entry in walk.filter_map(Result::ok) {
-            if !entry.file_type().is_file() {
-                continue;
-            }
+        for entry in walk.into_iter().filter_map(Result::ok) {
             let path = entry.path();
-            let matches = self
-                .matcher
-                .as_ref()
-                .is_none_or(|m| m.is_match(path.strip_prefix("./").unwrap_or(path)));
-            if matches {
+            if entry.file_type().is_file() && matches(path) {
                 let relative = path
                     .strip_prefix(&self.base)
                     .unwrap_or(path)
@@ -188,6 +182,50 @@ impl Pattern {
         }
         out
     }
+
+    /// With [`Pattern::folders`], the folders that can hold a match, as (path, path relative
+    /// to the base with a trailing `/`), sorted. Found level by level, reading only folders
+    /// whose names match their level (a walk that prunes as it goes still lists every folder
+    /// it skips: `docs/f00[0-2]/*.md` read all 200 folders of `docs`).
+    fn match_folders(&self) -> Vec<(PathBuf, String)> {
+        let mut folders = vec![(self.base.clone(), String::new())];
+        for level in self.folders.iter().flatten() {
+            let mut next = Vec::new();
+            for (folder, relative) in &folders {
+                for (path, name, kind) in sorted_entries(folder) {
+                    if kind.is_some_and(|k| k.is_dir()) && level.is_match(&name) {
+                        let relative = format!("{relative}{}/", name.to_string_lossy());
+                        next.push((path, relative));
+                    }
+                }
+            }
+            folders = next;
+        }
+        folders
+    }
+}
+
+/// A folder's entries as (path, name, type with symbolic links followed), sorted by name.
+/// An unreadable folder or entry is skipped, as in the walk.
+fn sorted_entries(folder: &Path) -> Vec<(PathBuf, std::ffi::OsString, Option<std::fs::FileType>)> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|entry| {
+            let path = entry.path();
+            let kind = match entry.file_type() {
+                Ok(kind) if kind.is_symlink() => {
+                    std::fs::metadata(&path).ok().map(|m| m.file_type())
+                }
+                kind => kind.ok(),
+            };
+            (path, entry.file_name(), kind)
+        })
+        .collect();
+    entries.sort_by(|a, b| a.1.cmp(&b.1));
+    entries
 }
 
 /// Why a file is not a document, or its text.
@@ -441,15 +479,24 @@ mod tests {
         assert_eq!(files("{a/x,c/d/w}.md"), ["a/x.md", "c/d/w.md"]);
         assert_eq!(files("**/w.md"), ["c/d/w.md"]);
 
-        let name = std::ffi::OsStr::new;
-        let pattern = Pattern::new("docs/{a,c}/*.md").unwrap();
-        assert!(pattern.enters(1, name("a")) && pattern.enters(1, name("c")));
-        assert!(!pattern.enters(1, name("b")) && !pattern.enters(2, name("d")));
-        let pattern = Pattern::new("docs/*.md").unwrap();
-        assert!(!pattern.enters(1, name("a")));
-        for glob in ["docs/**/*.md", "docs/{a/x,b}.md", "docs/[a/]/*.md"] {
-            let pattern = Pattern::new(glob).unwrap();
-            assert!(pattern.enters(3, name("anything")), "{glob}");
+        // The folders read for files: those a match can lie in, and no other.
+        let read = |glob: &str| -> Option<Vec<String>> {
+            let pattern = Pattern::new(&format!("{}/{glob}", root.display())).unwrap();
+            pattern.folders.as_ref()?;
+            Some(
+                pattern
+                    .match_folders()
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .collect(),
+            )
+        };
+        assert_eq!(read("{a,c}/*.md").unwrap(), ["a/", "c/"]);
+        assert_eq!(read("[ab]/*.md").unwrap(), ["a/", "b/"]);
+        assert_eq!(read("*.md").unwrap(), [""]);
+        assert_eq!(read("*/d/*.md").unwrap(), ["c/d/"]);
+        for glob in ["**/*.md", "{a/x,b}.md", "[a/]/*.md"] {
+            assert_eq!(read(glob), None, "{glob}");
         }
     }
 }

@@ -32,8 +32,14 @@ pub fn config_errors(diagnostics: &Diagnostics) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
+/// One thread runs the pipeline: every call's sending, reading and the stages around it.
+/// That thread keeps 10,000 calls a second in flight with CPU to spare, far more than an
+/// LLM server answers, and costs less per call than a runtime of one worker per core, where
+/// each finished call wakes a second worker to look for work (at 512 calls in flight, 71–74
+/// µs of CPU per call against 77–86, and no less throughput). Work that needs more cores has
+/// threads of its own: the cache writer, reading documents' records back, blocking file work.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap_or_else(|err| {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,9 @@ const BATCH: usize = 1024;
 /// a commit costs a WAL frame per page it touched (16 KB), and the last page of each table
 /// is shared by the entries gathered. A killed process loses at most this much.
 const GATHER: Duration = Duration::from_millis(25);
-/// The writer looks at what has gathered this often, and stops gathering once
-/// [`GATHER_BYTES`] or [`BATCH`] entries wait: large entries (a document's records) gain
-/// nothing from waiting, and would only be held in memory longer.
-const GATHER_STEP: Duration = Duration::from_millis(5);
+/// The writer stops gathering once [`GATHER_BYTES`] or [`BATCH`] entries wait (the `put`
+/// that gets there wakes it): large entries (a document's records) gain nothing from
+/// waiting, and would only be held in memory longer.
 const GATHER_BYTES: usize = 4 << 20;
 
 const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by keg.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
@@ -112,6 +111,8 @@ struct Shared {
     /// Puts sent to the writer and not yet taken by it: how many, and their bytes.
     queued: AtomicUsize,
     queued_bytes: AtomicUsize,
+    /// The writer thread, for the `put` that fills a batch to wake it.
+    writer: OnceLock<std::thread::Thread>,
     /// The ids this process's writer committed, as sorted ranges (after first, up to last]:
     /// a batch's rows are consecutive, as it holds the write lock. Catching up steps over
     /// them: every key in them is known from its `put` already.
@@ -166,6 +167,7 @@ impl DiskStore {
                 .name("keg-cache-writer".into())
                 .spawn(move || write_loop(conn, &receiver, &shared))?
         };
+        let _ = shared.writer.set(writer.thread().clone());
         Ok(DiskStore {
             root: root.to_path_buf(),
             path,
@@ -357,10 +359,17 @@ impl Store for DiskStore {
             .entry(bucket.to_owned())
             .or_default()
             .insert(key, (seq, value.clone()));
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        self.shared
+        let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes = self
+            .shared
             .queued_bytes
             .fetch_add(value.len(), Ordering::Relaxed);
+        // Only the `put` that fills the batch wakes the gathering writer.
+        if queued == BATCH || (bytes < GATHER_BYTES && bytes + value.len() >= GATHER_BYTES) {
+            if let Some(writer) = self.shared.writer.get() {
+                writer.unpark();
+            }
+        }
         let message = Message::Put(Put {
             bucket: bucket.to_owned(),
             key,
@@ -484,14 +493,15 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: 
         let flush = matches!(first, Message::Flush(_));
         take(&mut batch, first);
         if !flush {
-            // Sleep rather than wait on the channel: a waiting receiver costs every `put` a
-            // wake-up (a futex call and a context switch); a sleeping one costs nothing.
+            // Park rather than wait on the channel: a waiting receiver costs every `put` a
+            // wake-up (a futex call and a context switch); a parked one is woken once, by
+            // the `put` that fills the batch, or when the time is up.
             let start = Instant::now();
-            while start.elapsed() < GATHER
+            while let Some(left) = GATHER.checked_sub(start.elapsed())
                 && shared.queued.load(Ordering::Relaxed) < BATCH
                 && shared.queued_bytes.load(Ordering::Relaxed) < GATHER_BYTES
             {
-                std::thread::sleep(GATHER_STEP);
+                std::thread::park_timeout(left);
             }
         }
         while batch.len() < BATCH && !matches!(batch.last(), Some(Message::Flush(_))) {

@@ -514,7 +514,11 @@ impl Provider {
             Err(failure) => return self.transport_failure(failure),
         };
         let status = answer.status;
-        let text = String::from_utf8_lossy(&answer.body);
+        // Checked as UTF-8 the fast way first; the lossy reading is for a broken reply.
+        let text = match std::str::from_utf8(&answer.body) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(&answer.body),
+        };
         if (200..300).contains(&status) {
             return match (self.config.kind.wire().parse_reply)(&text) {
                 Ok(reply) => Attempt::Done(reply),

@@ -61,7 +61,50 @@ pub fn body(
 struct Completion {
     choices: Vec<Choice>,
     #[serde(default)]
-    usage: Option<Json>,
+    usage: Option<Usage>,
+}
+
+/// The counts read from `usage`; its other fields (`prompt_tokens_details` …) are skipped
+/// without being built. Each is a value, not a number, so that a `null` or a string reads
+/// as absent. Read from an object only: anything else fails, and [`parse_value`] reads it.
+#[derive(Default)]
+struct Usage {
+    prompt_tokens: Option<Json>,
+    completion_tokens: Option<Json>,
+    cost: Option<Json>,
+}
+
+impl<'de> Deserialize<'de> for Usage {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Usage, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Usage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Usage, A::Error> {
+                let mut usage = Usage::default();
+                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let field = match &*name {
+                        "prompt_tokens" => &mut usage.prompt_tokens,
+                        "completion_tokens" => &mut usage.completion_tokens,
+                        "cost" => &mut usage.cost,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    // A field given twice: the value reading keeps the last, so does this.
+                    *field = Some(map.next_value()?);
+                }
+                Ok(usage)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,8 +145,8 @@ fn from_completion(completion: Completion) -> Result<Reply, String> {
     let Some(choice) = completion.choices.into_iter().next() else {
         return Err("the server's reply has no `choices`".to_owned());
     };
-    let usage = |name: &str| completion.usage.as_ref().and_then(|u| u.get(name));
-    let tokens = |name: &str| usage(name).and_then(Json::as_u64).unwrap_or(0);
+    let usage = completion.usage.as_ref();
+    let tokens = |count: Option<&Json>| count.and_then(Json::as_u64).unwrap_or(0);
     let (content, reasoning) = match choice.message {
         Some(message) => (
             text_of(message.content),
@@ -117,9 +160,9 @@ fn from_completion(completion: Completion) -> Result<Reply, String> {
             Some(Json::String(reason)) => Some(reason),
             _ => None,
         },
-        prompt_tokens: tokens("prompt_tokens"),
-        completion_tokens: tokens("completion_tokens"),
-        cost: usage("cost").and_then(Json::as_f64),
+        prompt_tokens: tokens(usage.and_then(|u| u.prompt_tokens.as_ref())),
+        completion_tokens: tokens(usage.and_then(|u| u.completion_tokens.as_ref())),
+        cost: usage.and_then(|u| u.cost.as_ref()).and_then(Json::as_f64),
         reasoning,
     })
 }
@@ -232,6 +275,9 @@ mod tests {
             r#"{"choices":{"0":{"message":{"content":"odd"}}}}"#,
             r#"{"choices":[{"message":{"content":"a","content":"b"}}]}"#,
             r#"{"usage":{"prompt_tokens":3}}"#,
+            r#"{"choices":[{"message":{"content":"c"}}],"usage":[3,4]}"#,
+            r#"{"choices":[{"message":{"content":"c"}}],"usage":{"prompt_tokens":3,"prompt_tokens":4,"x":{"y":[1]}}}"#,
+            r#"{"choices":[{"message":{"content":"c"}}],"usage":{"prompt_tokens":null,"completion_tokens":"7"}}"#,
         ] {
             assert_eq!(parse_reply(text), parse_value(text), "{text}");
         }

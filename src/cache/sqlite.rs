@@ -365,10 +365,10 @@ impl Store for DiskStore {
             .queued_bytes
             .fetch_add(value.len(), Ordering::Relaxed);
         // Only the `put` that fills the batch wakes the gathering writer.
-        if queued == BATCH || (bytes < GATHER_BYTES && bytes + value.len() >= GATHER_BYTES) {
-            if let Some(writer) = self.shared.writer.get() {
-                writer.unpark();
-            }
+        let fills =
+            queued == BATCH || (bytes < GATHER_BYTES && bytes + value.len() >= GATHER_BYTES);
+        if fills && let Some(writer) = self.shared.writer.get() {
+            writer.unpark();
         }
         let message = Message::Put(Put {
             bucket: bucket.to_owned(),

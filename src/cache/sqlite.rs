@@ -355,10 +355,15 @@ impl Store for DiskStore {
                 .insert(prefix(&key), PENDING)
                 .filter(|id| *id != PENDING)
         };
-        lock(&self.shared.pending)
-            .entry(bucket.to_owned())
-            .or_default()
-            .insert(key, (seq, value.clone()));
+        {
+            let mut pending = lock(&self.shared.pending);
+            // The bucket's name is copied once, not per put.
+            let entries = match pending.get_mut(bucket) {
+                Some(entries) => entries,
+                None => pending.entry(bucket.to_owned()).or_default(),
+            };
+            entries.insert(key, (seq, value.clone()));
+        }
         let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes = self
             .shared

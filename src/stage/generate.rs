@@ -7,8 +7,8 @@
 //! 25 ms. The reply is cached, not its interpretation: a re-run
 //! reproduces the same records and the same rejects without calls.
 //!
-//! Each record's calls run as a task of their own on the runtime's worker threads; results
-//! are kept by record index, so the output order does not depend on which reply came first.
+//! Each record's calls run as a task of their own on the runtime; results are kept by record
+//! index, so the output order does not depend on which reply came first.
 //!
 //! A reply that is not usable gets, in order: safe repairs ([`crate::repair`]); when it was
 //! cut off at the token limit, one more try with twice the budget; when it is invalid, a
@@ -133,7 +133,7 @@ struct Request<'r> {
 }
 
 /// What the calls of one run of the stage share. Each record's calls run as a task of their
-/// own on the runtime's worker threads, so this is owned, not borrowed from the run.
+/// own on the runtime, so this is owned, not borrowed from the run.
 struct Calls {
     store: Arc<dyn Store>,
     read_cache: bool,
@@ -528,10 +528,10 @@ impl Stage for Generate {
                 bar.set_prefix(cx.name.to_owned());
                 bar
             });
-            // Each record's calls are a task of their own, so that building requests,
-            // hashing, HTTP, parsing and cache writes spread over the worker threads. The
-            // provider's limit bounds what is in flight; cached records resolve at once, so
-            // the set only needs enough room to keep that limit busy.
+            // Each record's calls are a task of their own, woken on their own when their
+            // reply comes, whatever the other records' calls are doing. The provider's limit
+            // bounds what is in flight; cached records resolve at once, so the set only needs
+            // enough room to keep that limit busy.
             let room = self.provider.config.concurrency.max(1) * 2 + 64;
             let this = Arc::new(self.clone());
             let calls = Arc::new(Calls {

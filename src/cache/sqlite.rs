@@ -357,7 +357,8 @@ impl Store for DiskStore {
         };
         {
             let mut pending = lock(&self.shared.pending);
-            // The bucket's name is copied once, not per put.
+            // The map copies a bucket's name for its first entry only (the message below
+            // carries a copy of its own).
             let entries = match pending.get_mut(bucket) {
                 Some(entries) => entries,
                 None => pending.entry(bucket.to_owned()).or_default(),

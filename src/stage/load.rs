@@ -57,8 +57,9 @@ struct Pattern {
     /// … and keep files matching this (`None`: every file under `base`).
     matcher: Option<globset::GlobMatcher>,
     /// The pattern's folder parts below `base`, one matcher each, when every match lies at
-    /// that depth (no `**`): the walk enters only folders that can hold a match, so
-    /// `docs/*.md` reads no subfolder and `docs/{a,b}/*.md` no other folder. `None`: any.
+    /// that depth (no `**`): only folders that can hold a match are read (see
+    /// [`Pattern::match_folders`]), so `docs/*.md` reads no subfolder and `docs/{a,b}/*.md`
+    /// no other folder. `None`: any depth, walked whole.
     folders: Option<Vec<globset::GlobMatcher>>,
 }
 

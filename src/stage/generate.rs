@@ -531,7 +531,10 @@ impl Stage for Generate {
             // Each record's calls are a task of their own, woken on their own when their
             // reply comes, whatever the other records' calls are doing. The provider's limit
             // bounds what is in flight; cached records resolve at once, so the set only needs
-            // enough room to keep that limit busy.
+            // enough room to keep that limit busy. Futures polled in place (one task for the
+            // stage) would save a spawn and a join per call, but the runtime polls the run's
+            // own future only once per batch of tasks, so replies wait longer to be read and
+            // fewer calls stay in flight (BENCHMARKS.md, seventh round).
             let room = self.provider.config.concurrency.max(1) * 2 + 64;
             let this = Arc::new(self.clone());
             let calls = Arc::new(Calls {

@@ -370,12 +370,11 @@ impl Store for DiskStore {
             .shared
             .queued_bytes
             .fetch_add(value.len(), Ordering::Relaxed);
-        // Only the `put` that fills the batch wakes the gathering writer.
+        // Only the `put` that fills the batch wakes the gathering writer, once its entry is
+        // on the channel, so that the batch the writer takes holds it. (The counts go up
+        // before the send: the writer takes them down as it receives.)
         let fills =
             queued == BATCH || (bytes < GATHER_BYTES && bytes + value.len() >= GATHER_BYTES);
-        if fills && let Some(writer) = self.shared.writer.get() {
-            writer.unpark();
-        }
         let message = Message::Put(Put {
             bucket: bucket.to_owned(),
             key,
@@ -383,10 +382,15 @@ impl Store for DiskStore {
             seq,
             replaces,
         });
-        self.sender
+        let sent = self
+            .sender
             .as_ref()
             .and_then(|sender| sender.send(message).ok())
-            .ok_or_else(|| io::Error::other("the cache writer has stopped"))
+            .ok_or_else(|| io::Error::other("the cache writer has stopped"));
+        if fills && let Some(writer) = self.shared.writer.get() {
+            writer.unpark();
+        }
+        sent
     }
 
     fn flush(&self) -> io::Result<()> {

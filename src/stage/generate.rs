@@ -2,9 +2,9 @@
 //! stage's schema, and turn each item of the reply into a record.
 //!
 //! Every call is cached under a key of the provider identity and the exact request the
-//! moment it returns (the store commits within 25 ms, and the stage waits for it before it
+//! moment it returns (the store commits within 250 ms, and the stage waits for it before it
 //! ends, Ctrl-C and errors included), so a killed run loses at most the calls of its last
-//! 25 ms. The reply is cached, not its interpretation: a re-run
+//! 250 ms. The reply is cached, not its interpretation: a re-run
 //! reproduces the same records and the same rejects without calls.
 //!
 //! Each record's calls run as a task of their own on the runtime; results are kept by record

@@ -24,7 +24,7 @@ use super::Store;
 /// file per entry, `<bucket>/<2 hex>/<64 hex>`; layout 2 was one table keyed by (bucket,
 /// key); layout 3 is this database. A later layout gets a new name rather than a file older
 /// builds would misread; older layouts found on open are imported once (see
-/// [`import_layout_1`], [`import_layout_2`]), so no cached call is lost.
+/// `import_layout_1`, `import_layout_2`), so no cached call is lost.
 pub const DATABASE: &str = "cache-v3.sqlite";
 const DATABASE_2: &str = "cache-v2.sqlite";
 
@@ -77,7 +77,7 @@ const PENDING: i64 = 0;
 /// Entries in one SQLite database (`<root>/cache-v3.sqlite`), keyed by bucket and blake3
 /// key. `put` hands the entry to the writer thread and returns; each batch is one
 /// transaction, so a killed process leaves whole entries or none, and loses at most the
-/// batch being gathered (calls finished in the last [`GATHER`]).
+/// batch being gathered (calls finished in the last `GATHER`, 250 ms).
 pub struct DiskStore {
     root: PathBuf,
     path: PathBuf,

@@ -3,7 +3,7 @@
 //!
 //! When the pipeline starts with one `load` stage followed by per-document stages (chunk,
 //! prompt, generate, validate), those run document by document and what they made of each
-//! document is kept in the cache ([`documents`]): a re-run skips every unchanged document,
+//! document is kept in the cache (`runner::documents`): a re-run skips every unchanged document,
 //! and when no document changed, leaves the outputs of the later stages alone.
 
 mod documents;

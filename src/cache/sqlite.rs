@@ -114,7 +114,10 @@ struct Shared {
     /// Puts sent to the writer and not yet taken by it: how many, and their bytes.
     queued: AtomicUsize,
     queued_bytes: AtomicUsize,
-    /// The writer thread, for the `put` that fills a batch to wake it.
+    /// Callers waiting for what they put to be committed (a `flush`, or the store being
+    /// dropped): the writer stops gathering while any waits.
+    waiting: AtomicUsize,
+    /// The writer thread, for the `put` that fills a batch, a `flush` and `drop` to wake it.
     writer: OnceLock<std::thread::Thread>,
     /// The ids this process's writer committed, as sorted ranges (after first, up to last]:
     /// a batch's rows are consecutive, as it holds the write lock. Catching up steps over
@@ -390,28 +393,45 @@ impl Store for DiskStore {
             .as_ref()
             .and_then(|sender| sender.send(message).ok())
             .ok_or_else(|| io::Error::other("the cache writer has stopped"));
-        if fills && let Some(writer) = self.shared.writer.get() {
-            writer.unpark();
+        if fills {
+            self.wake_writer();
         }
         sent
     }
 
     fn flush(&self) -> io::Result<()> {
         let (done, wait) = mpsc::sync_channel(1);
+        // Counted before it is sent: the writer takes the count down as it receives it.
+        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
         if let Some(sender) = &self.sender
             && sender.send(Message::Flush(done)).is_ok()
         {
+            self.wake_writer();
             // An error here means the writer is gone; `check` then says why.
             let _ = wait.recv();
+        } else {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         self.shared.check()
+    }
+}
+
+impl DiskStore {
+    /// Cut the writer's gathering short (see [`write_loop`]).
+    fn wake_writer(&self) {
+        if let Some(writer) = self.shared.writer.get() {
+            writer.unpark();
+        }
     }
 }
 
 impl Drop for DiskStore {
     /// Write what is pending before the process goes on to exit.
     fn drop(&mut self) {
+        // Never taken down: from here on the writer commits what it has without gathering.
+        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
         drop(self.sender.take());
+        self.wake_writer();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -494,11 +514,16 @@ impl Shared {
 fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: &Shared) {
     let mut batch = Vec::with_capacity(BATCH);
     let take = |batch: &mut Vec<Message>, message: Message| {
-        if let Some(put) = message.put() {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
-            shared
-                .queued_bytes
-                .fetch_sub(put.value.len(), Ordering::Relaxed);
+        match &message {
+            Message::Put(put) => {
+                shared.queued.fetch_sub(1, Ordering::Relaxed);
+                shared
+                    .queued_bytes
+                    .fetch_sub(put.value.len(), Ordering::Relaxed);
+            }
+            Message::Flush(_) => {
+                shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         batch.push(message);
     };
@@ -508,11 +533,12 @@ fn write_loop(mut conn: Connection, receiver: &mpsc::Receiver<Message>, shared: 
         if !flush {
             // Park rather than wait on the channel: a waiting receiver costs every `put` a
             // wake-up (a futex call and a context switch); a parked one is woken once, by
-            // the `put` that fills the batch, or when the time is up.
+            // the `put` that fills the batch, a `flush` or `drop`, or when the time is up.
             let start = Instant::now();
             while let Some(left) = GATHER.checked_sub(start.elapsed())
                 && shared.queued.load(Ordering::Relaxed) < BATCH
                 && shared.queued_bytes.load(Ordering::Relaxed) < GATHER_BYTES
+                && shared.waiting.load(Ordering::Relaxed) == 0
             {
                 std::thread::park_timeout(left);
             }
@@ -970,6 +996,28 @@ mod tests {
         assert_eq!(DiskStore::clear(&root).unwrap(), 1);
         assert_eq!(store.get("calls-v1", &key).unwrap(), None);
         assert_eq!(DiskStore::stats(&root).unwrap(), vec![]);
+    }
+
+    /// A `flush`, or dropping the store at the end of a run, commits at once rather than
+    /// after the writer's gathering time (a run's last step waits on one of them).
+    #[test]
+    fn flush_and_drop_cut_the_gathering_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        store.put("b", &blake3::hash(b"1"), b"1").unwrap();
+        let start = Instant::now();
+        store.flush().unwrap();
+        let flushed = start.elapsed();
+        store.put("b", &blake3::hash(b"2"), b"2").unwrap();
+        let start = Instant::now();
+        drop(store);
+        let dropped = start.elapsed();
+        assert!(flushed < GATHER / 2, "flush took {flushed:?}");
+        assert!(dropped < GATHER / 2, "drop took {dropped:?}");
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("b".to_owned(), 2, 2)]
+        );
     }
 
     #[test]

@@ -192,17 +192,40 @@ impl<S: Sink> std::io::Write for SinkWriter<'_, S> {
     }
 }
 
+/// JSON exactly as `serde_json::to_vec` writes it (no whitespace, object keys in their
+/// map's order), appended to `out`. Strings are escaped eight bytes at a time, where
+/// `serde_json` looks at each byte: for what is written per call (cache entries, output rows).
+pub fn write_json(value: &Value, out: &mut Vec<u8>) {
+    write_value::<false>(value, out);
+}
+
+/// An object as [`write_json`] writes it.
+pub fn write_json_map(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out);
+}
+
+/// A JSON string exactly as `serde_json` writes it, appended to `out`.
+pub fn write_json_str(text: &str, out: &mut Vec<u8>) {
+    write_str(text, out);
+}
+
 /// JSON without whitespace, object keys sorted.
 fn write_canonical(value: &Value, out: &mut impl Sink) {
+    write_value::<true>(value, out);
+}
+
+/// JSON without whitespace; object keys sorted when `SORTED`, else in their map's order.
+fn write_value<const SORTED: bool>(value: &Value, out: &mut impl Sink) {
     match value {
-        Value::Object(map) => write_canonical_map(map, out),
+        Value::Object(map) if SORTED => write_canonical_map(map, out),
+        Value::Object(map) => write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out),
         Value::Array(items) => {
             out.put(b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.put(b",");
                 }
-                write_canonical(item, out);
+                write_value::<SORTED>(item, out);
             }
             out.put(b"]");
         }
@@ -229,15 +252,18 @@ fn write_canonical_map(map: &Map<String, Value>, out: &mut impl Sink) {
         }
         let entries = &mut entries[..map.len()];
         entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        write_entries(entries.iter().copied(), out);
+        write_entries::<true>(entries.iter().copied(), out);
     } else {
         let mut entries: Vec<(&str, &Value)> = map.iter().map(|(k, v)| (k.as_str(), v)).collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        write_entries(entries.into_iter(), out);
+        write_entries::<true>(entries.into_iter(), out);
     }
 }
 
-fn write_entries<'v>(entries: impl Iterator<Item = (&'v str, &'v Value)>, out: &mut impl Sink) {
+fn write_entries<'v, const SORTED: bool>(
+    entries: impl Iterator<Item = (&'v str, &'v Value)>,
+    out: &mut impl Sink,
+) {
     out.put(b"{");
     for (i, (key, value)) in entries.enumerate() {
         if i > 0 {
@@ -245,7 +271,7 @@ fn write_entries<'v>(entries: impl Iterator<Item = (&'v str, &'v Value)>, out: &
         }
         write_str(key, out);
         out.put(b":");
-        write_canonical(value, out);
+        write_value::<SORTED>(value, out);
     }
     out.put(b"}");
 }

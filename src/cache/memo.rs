@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-use crate::record::{Lineage, Record, canonical_hash};
+use crate::record::{Lineage, Record, canonical_hash, write_json_map, write_json_str};
 use crate::stage::{Reject, StatsSnapshot, Usage};
 
 /// Per document: [`DocumentEntry`] under a [`DocumentKey`].
@@ -231,30 +231,38 @@ pub struct DocumentRecords {
     pub stages: Vec<(String, Vec<StoredRecord>)>,
 }
 
-/// [`DocumentRecords`] borrowed from the records themselves, to store without copying them.
-#[derive(Serialize)]
-struct DocumentRecordsView<'a> {
-    stages: Vec<(&'a str, Vec<RecordView<'a>>)>,
-}
-
-type RecordView<'a> = (&'a [u32], &'a Map<String, Json>);
-
 impl DocumentRecords {
-    /// The stored form of records, by stage name: what [`DocumentRecords`] reads back.
+    /// The stored form of records, by stage name: what [`DocumentRecords`] reads back,
+    /// `{"stages":[[NAME,[[PATH,DATA],…]],…]}`, as `serde_json` would write it.
     pub fn to_bytes(stages: &[(String, Vec<Record>)]) -> Vec<u8> {
-        let view = DocumentRecordsView {
-            stages: stages
-                .iter()
-                .map(|(name, records)| {
-                    let records = records
-                        .iter()
-                        .map(|r| (r.lineage.path.as_slice(), &r.data))
-                        .collect();
-                    (name.as_str(), records)
-                })
-                .collect(),
-        };
-        serde_json::to_vec(&view).unwrap_or_default()
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(b"{\"stages\":[");
+        for (i, (name, records)) in stages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            write_json_str(name, &mut out);
+            out.extend_from_slice(b",[");
+            for (j, record) in records.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"[[");
+                for (k, index) in record.lineage.path.iter().enumerate() {
+                    if k > 0 {
+                        out.push(b',');
+                    }
+                    let _ = serde_json::to_writer(&mut out, index);
+                }
+                out.extend_from_slice(b"],");
+                write_json_map(&record.data, &mut out);
+                out.push(b']');
+            }
+            out.extend_from_slice(b"]]");
+        }
+        out.extend_from_slice(b"]}");
+        out
     }
 
     /// The records of stage `name`, with `source` as their document.
@@ -353,5 +361,54 @@ mod tests {
         let mut back: DocumentRecords = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back.take("checked", &source), vec![record]);
         assert_eq!(back.take("other", &source), Vec::new());
+    }
+
+    #[test]
+    fn records_are_stored_as_serde_json_writes_them() {
+        let record = |path: Vec<u32>, data: Json| {
+            Record::new(
+                data.as_object().unwrap().clone(),
+                Lineage {
+                    source: "docs/a.md".into(),
+                    path,
+                },
+            )
+        };
+        let stages = vec![
+            (
+                "checked".to_owned(),
+                vec![
+                    record(
+                        vec![2, 0],
+                        serde_json::json!({"z": "Q \"1\"?\n", "a": [1, 2.5, null, true], "m": {"y": {}, "b": []}}),
+                    ),
+                    record(vec![], serde_json::json!({"é": "日本 \u{1}", "n": -3})),
+                ],
+            ),
+            ("empty".to_owned(), Vec::new()),
+            (
+                "odd \"name\"".to_owned(),
+                vec![record(vec![u32::MAX], serde_json::json!({}))],
+            ),
+        ];
+        let view: Vec<_> = stages
+            .iter()
+            .map(|(name, records)| {
+                let records: Vec<_> = records
+                    .iter()
+                    .map(|r| (r.lineage.path.as_slice(), &r.data))
+                    .collect();
+                (name.as_str(), records)
+            })
+            .collect();
+        let expected = serde_json::to_vec(&serde_json::json!({ "stages": view })).unwrap();
+        assert_eq!(
+            String::from_utf8(DocumentRecords::to_bytes(&stages)).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+        assert_eq!(
+            String::from_utf8(DocumentRecords::to_bytes(&[])).unwrap(),
+            r#"{"stages":[]}"#
+        );
     }
 }

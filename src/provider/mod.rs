@@ -173,6 +173,36 @@ pub struct Reply {
     pub reasoning: Option<String>,
 }
 
+impl Reply {
+    /// The cache entry: the bytes `serde_json::to_vec` makes of the reply, written as
+    /// [`crate::record::write_json`] writes, since one is made per call.
+    pub fn to_json(&self) -> Vec<u8> {
+        use crate::record::write_json_str;
+        let mut out = Vec::with_capacity(self.content.len() + 128);
+        out.extend_from_slice(b"{\"content\":");
+        write_json_str(&self.content, &mut out);
+        out.extend_from_slice(b",\"finish_reason\":");
+        match &self.finish_reason {
+            Some(reason) => write_json_str(reason, &mut out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"prompt_tokens\":");
+        let _ = serde_json::to_writer(&mut out, &self.prompt_tokens);
+        out.extend_from_slice(b",\"completion_tokens\":");
+        let _ = serde_json::to_writer(&mut out, &self.completion_tokens);
+        if let Some(cost) = self.cost {
+            out.extend_from_slice(b",\"cost\":");
+            let _ = serde_json::to_writer(&mut out, &cost);
+        }
+        if let Some(reasoning) = &self.reasoning {
+            out.extend_from_slice(b",\"reasoning\":");
+            write_json_str(reasoning, &mut out);
+        }
+        out.push(b'}');
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// An answer retrying cannot fix (bad key, bad request, unknown model): stop the run.
@@ -767,6 +797,51 @@ pub fn insert_secret(headers: &mut HeaderMap, name: hyper::header::HeaderName, v
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_reply_is_cached_as_serde_json_writes_it() {
+        let plain = Reply {
+            content: r#"{"pairs":[{"question":"Q \"1\"?","answer":"a\nb"}]}"#.into(),
+            finish_reason: Some("stop".into()),
+            prompt_tokens: 7,
+            completion_tokens: 77,
+            cost: None,
+            reasoning: None,
+        };
+        let replies = [
+            plain.clone(),
+            Reply {
+                content: "é 日本 \u{1}\t\\".into(),
+                finish_reason: None,
+                prompt_tokens: u64::MAX,
+                completion_tokens: 0,
+                cost: Some(0.000_123_4),
+                reasoning: Some("thought \"first\"".into()),
+            },
+            Reply {
+                content: String::new(),
+                cost: Some(f64::NAN),
+                ..plain.clone()
+            },
+            Reply {
+                cost: Some(3.0),
+                ..plain
+            },
+        ];
+        for reply in replies {
+            let bytes = reply.to_json();
+            assert_eq!(
+                String::from_utf8(bytes.clone()).unwrap(),
+                String::from_utf8(serde_json::to_vec(&reply).unwrap()).unwrap()
+            );
+            let back: Reply = serde_json::from_slice(&bytes).unwrap();
+            if reply.cost.is_some_and(f64::is_nan) {
+                assert_eq!(back.cost, None);
+            } else {
+                assert_eq!(back, reply);
+            }
+        }
+    }
 
     pub(crate) fn config(kind: ProviderKind) -> ProviderConfig {
         ProviderConfig {

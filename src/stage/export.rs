@@ -21,7 +21,7 @@ use super::{
     template_context,
 };
 use crate::config::Diagnostic;
-use crate::record::Record;
+use crate::record::{Record, write_json_str};
 use crate::template::{Expression, Template, Templates};
 
 pub const KIND: Kind = Kind {
@@ -126,24 +126,6 @@ struct Compiled<'a> {
     system: Option<Template<'a>>,
 }
 
-/// A `prompt-completion` row; serialised like the `json!` object it replaces, keys in order.
-#[derive(Serialize)]
-struct PromptCompletion<'a> {
-    prompt: &'a str,
-    completion: &'a str,
-}
-
-#[derive(Serialize)]
-struct Chat<'a> {
-    messages: &'a [Turn<'a>],
-}
-
-#[derive(Serialize)]
-struct Turn<'a> {
-    role: &'a str,
-    content: &'a str,
-}
-
 impl Export {
     fn compile(&self) -> Result<Compiled<'_>, StageError> {
         Ok(Compiled {
@@ -173,7 +155,8 @@ impl Export {
             // Both are fields the record has (`question`, `answer`): no template context.
             let prompt = non_blank(&compiled.prompt, prompt)?;
             let completion = non_blank(&compiled.completion, completion)?;
-            return self.write_row(line, &prompt, &completion, None);
+            self.write_row(line, &prompt, &completion, None);
+            return Ok(());
         }
         template_context(record, &[], |data, context| {
             let prompt = text(&compiled.prompt, data, context)?;
@@ -182,50 +165,38 @@ impl Export {
                 Some(template) => Some(template.render(context).map_err(|e| e.message)?),
                 None => None,
             };
-            self.write_row(line, &prompt, &completion, system.as_deref())
+            self.write_row(line, &prompt, &completion, system.as_deref());
+            Ok(())
         })
     }
 
-    fn write_row(
-        &self,
-        line: &mut Vec<u8>,
-        prompt: &str,
-        completion: &str,
-        system: Option<&str>,
-    ) -> Result<(), String> {
-        let written = match self.config.format {
+    /// A row as `serde_json` writes the objects of its format: `{"prompt":…,"completion":…}`
+    /// or `{"messages":[{"role":…,"content":…},…]}`, then a newline.
+    fn write_row(&self, line: &mut Vec<u8>, prompt: &str, completion: &str, system: Option<&str>) {
+        match self.config.format {
             Format::PromptCompletion => {
-                serde_json::to_writer(&mut *line, &PromptCompletion { prompt, completion })
+                line.extend_from_slice(b"{\"prompt\":");
+                write_json_str(prompt, line);
+                line.extend_from_slice(b",\"completion\":");
+                write_json_str(completion, line);
             }
             Format::Chat => {
-                let mut messages = Vec::with_capacity(3);
+                line.extend_from_slice(b"{\"messages\":[");
                 if let Some(system) = system.map(str::trim)
                     && !system.is_empty()
                 {
-                    messages.push(Turn {
-                        role: "system",
-                        content: system,
-                    });
+                    line.extend_from_slice(b"{\"role\":\"system\",\"content\":");
+                    write_json_str(system, line);
+                    line.extend_from_slice(b"},");
                 }
-                messages.push(Turn {
-                    role: "user",
-                    content: prompt,
-                });
-                messages.push(Turn {
-                    role: "assistant",
-                    content: completion,
-                });
-                serde_json::to_writer(
-                    &mut *line,
-                    &Chat {
-                        messages: &messages,
-                    },
-                )
+                line.extend_from_slice(b"{\"role\":\"user\",\"content\":");
+                write_json_str(prompt, line);
+                line.extend_from_slice(b"},{\"role\":\"assistant\",\"content\":");
+                write_json_str(completion, line);
+                line.extend_from_slice(b"}]");
             }
-        };
-        written.map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        Ok(())
+        }
+        line.extend_from_slice(b"}\n");
     }
 }
 

@@ -290,7 +290,7 @@ impl Generate {
                 if let Some(cost) = reply.cost {
                     StageStats::add(&calls.stats.cost_nanos, super::cost_nanos(cost));
                 }
-                let bytes = serde_json::to_vec(&reply).unwrap_or_default();
+                let bytes = reply.to_json();
                 calls
                     .store
                     .put(CALLS_BUCKET, &request.key, &bytes)

@@ -641,6 +641,26 @@ pub fn in_lineage_order(records: &[Record]) -> bool {
     })
 }
 
+/// A field as a template value: what `minijinja`'s serde conversion makes of it, with
+/// strings, numbers, booleans and null converted directly rather than through a serializer.
+fn template_value(field: &Json) -> minijinja::Value {
+    match field {
+        Json::String(text) => minijinja::Value::from(text.as_str()),
+        Json::Bool(b) => minijinja::Value::from(*b),
+        Json::Null => minijinja::Value::from(()),
+        Json::Number(n) => {
+            if let Some(n) = n.as_u64() {
+                minijinja::Value::from(n)
+            } else if let Some(n) = n.as_i64() {
+                minijinja::Value::from(n)
+            } else {
+                minijinja::Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        other => minijinja::Value::from(minijinja::value::Serde(other)),
+    }
+}
+
 #[derive(Debug)]
 struct TemplateContext {
     data: serde_json::Map<String, Json>,
@@ -652,10 +672,7 @@ impl minijinja::value::Object for TemplateContext {
         let key = key.as_str()?;
         match self.extra.iter().find(|(name, _)| *name == key) {
             Some((_, value)) => Some(value.clone()),
-            None => self
-                .data
-                .get(key)
-                .map(|field| minijinja::Value::from(minijinja::value::Serde(field))),
+            None => field(&self.data, key).map(template_value),
         }
     }
 
@@ -705,6 +722,21 @@ mod tests {
         total.absorb(&replayed);
         total.absorb(&replayed);
         assert_eq!(StageStats::get(&total.cached), 6);
+    }
+
+    #[test]
+    fn fields_become_the_template_values_serde_would_make() {
+        let samples = serde_json::json!([
+            "text", "", "é 日本", 0, 7, -7, u64::MAX, i64::MIN, 2.5, -0.0, 1e300, true, false,
+            null, ["a", 1, [null]], {"b": {"c": 1}, "a": [true]},
+        ]);
+        for field in samples.as_array().unwrap() {
+            let direct = template_value(field);
+            let serde = minijinja::Value::from(minijinja::value::Serde(field));
+            assert_eq!(direct, serde, "{field}");
+            assert_eq!(direct.kind(), serde.kind(), "{field}");
+            assert_eq!(direct.to_string(), serde.to_string(), "{field}");
+        }
     }
 
     #[test]

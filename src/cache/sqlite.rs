@@ -8,7 +8,9 @@
 //! increasing ids, every table is ordered by id (within a bucket), and each process keeps
 //! the keys of the buckets it reads in memory ([`Known`]), mapped to their ids.
 
-use std::collections::HashMap;
+// Keys and bucket names are looked up several times per call; foldhash hashes them in a
+// fraction of the standard library's SipHash.
+use foldhash::{HashMap, HashMapExt};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -648,12 +650,13 @@ fn write_batch(
             .collect()
     };
     let mut ids = Vec::with_capacity(puts.len());
+    let mut appender = Appender::new(&tx)?;
     for ((put, old), latest) in puts.iter().zip(&old).zip(latest) {
         if !latest {
             ids.push(None);
             continue;
         }
-        ids.push(Some(insert_entry(&tx, &put.bucket, &put.key, &put.value)?));
+        ids.push(Some(appender.insert(&put.bucket, &put.key, &put.value)?));
         for old in old.iter().flatten() {
             tx.prepare_cached(DELETE_BLOB)?
                 .execute(params![old, &put.key[..]])?;
@@ -661,23 +664,32 @@ fn write_batch(
                 .execute(params![put.bucket, old, &put.key[..]])?;
         }
     }
+    drop(appender);
     tx.commit()?;
     Ok(ids)
 }
 
-/// Append one entry; its id.
-fn insert_entry(
-    conn: &Connection,
-    bucket: &str,
-    key: &[u8],
-    value: &[u8],
-) -> rusqlite::Result<i64> {
-    conn.prepare_cached(INSERT_BLOB)?
-        .execute(params![key, value])?;
-    let id = conn.last_insert_rowid();
-    conn.prepare_cached(INSERT_KEY)?
-        .execute(params![bucket, id, key])?;
-    Ok(id)
+/// The two statements that append an entry, taken from the statement cache once per
+/// batch rather than once per entry.
+struct Appender<'c> {
+    blob: rusqlite::CachedStatement<'c>,
+    key: rusqlite::CachedStatement<'c>,
+}
+
+impl<'c> Appender<'c> {
+    fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Appender {
+            blob: conn.prepare_cached(INSERT_BLOB)?,
+            key: conn.prepare_cached(INSERT_KEY)?,
+        })
+    }
+
+    /// Append one entry; its id.
+    fn insert(&mut self, bucket: &str, key: &[u8], value: &[u8]) -> rusqlite::Result<i64> {
+        let id = self.blob.insert(params![key, value])?;
+        self.key.execute(params![bucket, id, key])?;
+        Ok(id)
+    }
 }
 
 /// Make a new database ready, or check an existing one is. Several processes may open a
@@ -781,6 +793,7 @@ fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
         {
+            let mut appender = Appender::new(&tx).map_err(sql)?;
             for entry in walkdir::WalkDir::new(&bucket).into_iter().flatten() {
                 let file_name = entry.file_name().to_string_lossy();
                 let Ok(key) = blake3::Hash::from_hex(file_name.as_bytes()) else {
@@ -794,7 +807,9 @@ fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
                     Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
                     Err(err) => return Err(err),
                 };
-                insert_entry(&tx, &name, key.as_bytes(), &value).map_err(sql)?;
+                appender
+                    .insert(&name, key.as_bytes(), &value)
+                    .map_err(sql)?;
             }
         }
         tx.commit().map_err(sql)?;

@@ -245,7 +245,7 @@ fn read_document(path: &Path, max_bytes: u64) -> Result<(String, String), String
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    if bytes.iter().take(8192).any(|&b| b == 0) {
+    if memchr::memchr(0, &bytes[..bytes.len().min(8192)]).is_some() {
         return Err("binary file (it contains NUL bytes)".to_owned());
     }
     let digest = blake3::hash(&bytes).to_hex().to_string();

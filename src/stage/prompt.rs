@@ -178,6 +178,18 @@ impl Prompt {
     }
 }
 
+/// A chat message of rendered text, trimmed in place: the text is not copied again.
+fn message(role: &str, mut content: String) -> Json {
+    let end = content.trim_end().len();
+    content.truncate(end);
+    let start = content.len() - content.trim_start().len();
+    content.drain(..start);
+    let mut message = serde_json::Map::with_capacity(2);
+    message.insert("role".to_owned(), Json::from(role));
+    message.insert("content".to_owned(), Json::String(content));
+    Json::Object(message)
+}
+
 impl Stage for Prompt {
     fn partition(&self) -> super::Partition {
         super::Partition::PerDocument
@@ -211,7 +223,7 @@ impl Stage for Prompt {
             let fixed_system = match &system {
                 Some(system) if system.is_text() => {
                     let content = system.render(&minijinja::Value::UNDEFINED)?;
-                    Some(json!({ "role": "system", "content": content.trim() }))
+                    Some(message("system", content))
                 }
                 _ => None,
             };
@@ -230,10 +242,10 @@ impl Stage for Prompt {
                         messages.push(fixed.clone());
                     } else if let Some(system) = &system {
                         let content = system.render(context)?;
-                        messages.push(json!({ "role": "system", "content": content.trim() }));
+                        messages.push(message("system", content));
                     }
                     let content = user.render(context)?;
-                    messages.push(json!({ "role": "user", "content": content.trim() }));
+                    messages.push(message("user", content));
                     Ok::<_, StageError>(messages)
                 })?;
                 record.data.insert("messages".into(), Json::Array(messages));

@@ -164,6 +164,10 @@ impl Prompt {
         if self.config.items.is_none() && !record.data.contains_key("text") {
             return Ok(None);
         }
+        // A plain count (`items: 3`) is the same for every record.
+        if let Ok(n) = expr.source().trim().parse::<u64>() {
+            return Ok(Some(n));
+        }
         let value = template_context(record, &[("vars", self.vars.clone())], |_, context| {
             expr.eval(context)
         })?;

@@ -192,14 +192,9 @@ impl<S: Sink> std::io::Write for SinkWriter<'_, S> {
     }
 }
 
-/// JSON exactly as `serde_json::to_vec` writes it (no whitespace, object keys in their
-/// map's order), appended to `out`. Strings are escaped eight bytes at a time, where
-/// `serde_json` looks at each byte: for what is written per call (cache entries, output rows).
-pub fn write_json(value: &Value, out: &mut Vec<u8>) {
-    write_value::<false>(value, out);
-}
-
-/// An object as [`write_json`] writes it.
+/// An object exactly as `serde_json::to_vec` writes it (no whitespace, keys in the map's
+/// order), appended to `out`. Strings are escaped eight bytes at a time, where `serde_json`
+/// looks at each byte: for what is written per call (cache entries, output rows).
 pub fn write_json_map(map: &Map<String, Value>, out: &mut Vec<u8>) {
     write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out);
 }

@@ -174,8 +174,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// The cache entry: the bytes `serde_json::to_vec` makes of the reply, written as
-    /// [`crate::record::write_json`] writes, since one is made per call.
+    /// The cache entry: the bytes `serde_json::to_vec` makes of the reply, its strings
+    /// written by [`crate::record::write_json_str`], since one is made per call.
     pub fn to_json(&self) -> Vec<u8> {
         use crate::record::write_json_str;
         let mut out = Vec::with_capacity(self.content.len() + 128);

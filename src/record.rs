@@ -196,7 +196,7 @@ impl<S: Sink> std::io::Write for SinkWriter<'_, S> {
 /// order), appended to `out`. Strings are escaped eight bytes at a time, where `serde_json`
 /// looks at each byte: for what is written per call (cache entries, output rows).
 pub fn write_json_map(map: &Map<String, Value>, out: &mut Vec<u8>) {
-    write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out);
+    write_map::<false>(map, out);
 }
 
 /// A JSON string exactly as `serde_json` writes it, appended to `out`.
@@ -212,8 +212,7 @@ fn write_canonical(value: &Value, out: &mut impl Sink) {
 /// JSON without whitespace; object keys sorted when `SORTED`, else in their map's order.
 fn write_value<const SORTED: bool>(value: &Value, out: &mut impl Sink) {
     match value {
-        Value::Object(map) if SORTED => write_canonical_map(map, out),
-        Value::Object(map) => write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out),
+        Value::Object(map) => write_map::<SORTED>(map, out),
         Value::Array(items) => {
             out.put(b"[");
             for (i, item) in items.iter().enumerate() {
@@ -232,6 +231,15 @@ fn write_value<const SORTED: bool>(value: &Value, out: &mut impl Sink) {
         Value::Number(n) => {
             let _ = serde_json::to_writer(SinkWriter(out), n);
         }
+    }
+}
+
+/// An object; its keys sorted when `SORTED`, else in the map's order.
+fn write_map<const SORTED: bool>(map: &Map<String, Value>, out: &mut impl Sink) {
+    if SORTED {
+        write_canonical_map(map, out);
+    } else {
+        write_entries::<false>(map.iter().map(|(k, v)| (k.as_str(), v)), out);
     }
 }
 

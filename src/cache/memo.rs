@@ -226,7 +226,8 @@ pub struct DocumentEntry {
 pub type StoredRecord = (Vec<u32>, Map<String, Json>);
 
 /// The records of one document that later stages read, by stage name.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Written by [`DocumentRecords::to_bytes`] straight from the records; read with `serde`.
+#[derive(Debug, Default, Deserialize)]
 pub struct DocumentRecords {
     pub stages: Vec<(String, Vec<StoredRecord>)>,
 }

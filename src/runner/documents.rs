@@ -746,7 +746,7 @@ const FEED_BATCH: usize = 16;
 
 /// Feed the later stages every document's records (those of stage `boundary`), document by
 /// document in order, then finish them. Records in the cache are read back and parsed on
-/// every core a few batches ahead of the stages, which run on this thread. Returns each
+/// the other cores a few batches ahead of the stages, which run on this thread. Returns each
 /// stage's records in and out.
 fn feed(
     shared: &RunShared,
@@ -768,7 +768,14 @@ fn feed(
         })
         .collect();
     let documents = &documents;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // This thread feeds the stages the whole time and keeps a core busy; the readers share
+    // the others. One reader per core besides cost a third thread on two cores, each with
+    // a fresh heap and SQLite connection, and no time: feeding is the slower side
+    // (BENCHMARKS.md, tenth round).
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1);
     let batches = documents.len().div_ceil(FEED_BATCH);
     type Batch = Result<Vec<Option<Vec<Record>>>, RunError>;
     std::thread::scope(|scope| {

@@ -769,23 +769,23 @@ fn feed(
         .collect();
     let documents = &documents;
     // This thread feeds the stages the whole time and keeps a core busy; the readers share
-    // the others. One reader per core besides cost a third thread on two cores, each with
-    // a fresh heap and SQLite connection, and no time: feeding is the slower side
-    // (BENCHMARKS.md, tenth round).
-    let threads = std::thread::available_parallelism()
+    // the others. A reader per core besides ran three threads on two cores, each reader
+    // with a fresh heap and SQLite connection, and saved no time: feeding is the slower
+    // side (BENCHMARKS.md, tenth round).
+    let readers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .saturating_sub(1)
         .max(1);
     let batches = documents.len().div_ceil(FEED_BATCH);
     type Batch = Result<Vec<Option<Vec<Record>>>, RunError>;
     std::thread::scope(|scope| {
-        // Worker `w` reads batches w, w + threads, …, each into a channel of its own, so
-        // this thread takes them in order and no worker runs more than two batches ahead.
-        let receivers: Vec<mpsc::Receiver<Batch>> = (0..threads)
+        // Reader `w` reads batches w, w + readers, …, each into a channel of its own, so
+        // this thread takes them in order and no reader runs more than two batches ahead.
+        let receivers: Vec<mpsc::Receiver<Batch>> = (0..readers)
             .map(|w| {
                 let (sender, receiver) = mpsc::sync_channel::<Batch>(2);
                 scope.spawn(move || {
-                    for b in (w..batches).step_by(threads) {
+                    for b in (w..batches).step_by(readers) {
                         let end = ((b + 1) * FEED_BATCH).min(documents.len());
                         let batch: Batch = (b * FEED_BATCH..end)
                             .map(|i| {
@@ -809,7 +809,7 @@ fn feed(
             .collect();
         let mut counts = vec![(0, 0); streams.len()];
         for b in 0..batches {
-            let batch = receivers[b % threads]
+            let batch = receivers[b % readers]
                 .recv()
                 .map_err(|_| RunError::Cache {
                     path: std::path::PathBuf::from(DOCUMENT_RECORDS_BUCKET),

@@ -490,3 +490,43 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
     }
     assert_eq!(rows("out-chat").len(), 36);
 }
+
+#[test]
+fn later_stages_fed_over_many_batches_keep_document_order() {
+    // 40 documents: the streamed later stages read them back in batches of 16, on reader
+    // threads a few batches ahead (several on a machine of three cores or more), and must
+    // still see them in document order, as the fork, run whole, does. The last document
+    // repeats the first, so only its own questions are dropped.
+    let ws = workspace_with_docs();
+    for i in 0..35 {
+        let topic = format!("extra{i:02}");
+        ws.write(&format!("docs/{topic}.md"), sample_doc(&topic));
+    }
+    ws.write("docs/zz-copy-of-extra00.md", sample_doc("extra00"));
+    let mock = MockLlm::start(Behavior::default());
+    ws.write("chain.yaml", pipeline_without_paths(&ws, &mock, "out", ""));
+    let chained = ws.keg(&["run", "chain.yaml"]);
+    crate::support::assert_success(&chained);
+    let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
+    ws.write(
+        "fork.yaml",
+        pipeline_without_paths(&ws, &mock, "out-fork", fork),
+    );
+    let forked = ws.keg(&["run", "fork.yaml"]);
+    crate::support::assert_success(&forked);
+    for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
+        assert_eq!(
+            ws.read(&format!("out/{name}")),
+            ws.read(&format!("out-fork/{name}")),
+            "{name}"
+        );
+    }
+    // 40 documents × 3 sections × 3 questions; the copy's 9 are dropped.
+    for output in [&chained, &forked] {
+        let summary = stderr(output);
+        assert!(
+            summary.contains("360 → 351 records (9 duplicates dropped)"),
+            "{summary}"
+        );
+    }
+}

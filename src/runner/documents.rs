@@ -28,7 +28,7 @@ use crate::cache::memo::{
 use crate::config::Plan;
 use crate::record::{Record, canonical_hash};
 use crate::stage::{
-    Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats,
+    Listed, Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats,
     Streamed, Usage, add_usage,
 };
 
@@ -225,37 +225,34 @@ impl Run<'_> {
         } else {
             None
         };
-        self.stage_skipping(layout.source, skip).await?;
-        let loaded = self.outputs[layout.source].take().unwrap_or_default();
-        let mut by_source: BTreeMap<Arc<str>, Vec<Record>> = BTreeMap::new();
-        for record in Arc::unwrap_or_clone(loaded) {
-            by_source
-                .entry(record.lineage.source.clone())
-                .or_default()
-                .push(record);
-        }
-        // Every document, in the order the source listed them (by path).
-        let hashes = shared
-            .documents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(outcome) = &mut self.outcomes[layout.source] {
-            // Documents skipped are documents all the same.
-            outcome.records_out = hashes.len();
-        }
-        let mut kept_entries = kept_entries.into_inner().unwrap_or_else(|e| e.into_inner());
-        let sources: Vec<Arc<str>> = hashes.keys().map(|s| Arc::from(s.as_str())).collect();
-        let keys: Vec<blake3::Hash> = hashes
-            .iter()
-            .map(|(source, digest)| key(source, digest))
-            .collect();
-        let mut documents: Vec<Option<Document>> = sources
-            .iter()
-            .map(|source| kept_entries.remove(&**source).map(Document::Kept))
-            .collect();
-        let kept = documents.iter().filter(|d| d.is_some()).count();
-        self.documents_skipped = Some((kept, documents.len()));
+        // The source lists its documents now and reads each as its turn comes: only the
+        // documents in flight are in memory.
+        let source_stage = &plan.stages[layout.source];
+        let source_stats = StageStats::default();
+        let mut listing = source_stage
+            .stage
+            .list(StageContext {
+                name: &source_stage.name,
+                shared,
+                stats: &source_stats,
+                splits: source_stage.splits.as_deref(),
+                ancestors: &source_stage.ancestors,
+                rejects: &shared.rejects,
+                usage: &shared.usage,
+                skip,
+                bars: true,
+            })
+            .ok_or_else(|| {
+                RunError::of_stage(
+                    &source_stage.name,
+                    StageError::Message("this source cannot list its documents".to_owned()),
+                )
+            })?;
+        // Every document, in the order the source lists them (by path), as they come.
+        let mut sources: Vec<Arc<str>> = Vec::new();
+        let mut keys: Vec<blake3::Hash> = Vec::new();
+        let mut documents: Vec<Option<Document>> = Vec::new();
+        let mut kept = 0;
 
         // The later stages, fed document by document when they can be.
         let tail_stats: Vec<StageStats> =
@@ -296,8 +293,10 @@ impl Run<'_> {
             .filter_map(|&p| plan.stages[p].stage.provider())
             .max_by_key(|p| p.config.concurrency);
         let room = pacing.map_or(1, |p| p.config.concurrency.max(1)) * 2 + 64;
+        // Counts the documents to run: candidates that turn out kept, or not documents, come
+        // off its length.
         let bar = shared.progress.add(
-            indicatif::ProgressBar::new((documents.len() - kept) as u64).with_style(
+            indicatif::ProgressBar::new(listing.found() as u64).with_style(
                 indicatif::ProgressStyle::with_template(
                     "documents [{bar:30}] {pos}/{len} · {per_sec} · eta {eta}",
                 )
@@ -305,18 +304,51 @@ impl Run<'_> {
                 .progress_chars("=> "),
             ),
         );
-        let mut pending = sources
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| documents[*i].is_none())
-            .map(|(i, source)| (i, by_source.remove(source).unwrap_or_default()))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .peekable();
+        // The next document to run: its position and records. Taking it reads it, and lists
+        // the kept documents before it.
+        let mut take_next = |sources: &mut Vec<Arc<str>>,
+                             keys: &mut Vec<blake3::Hash>,
+                             documents: &mut Vec<Option<Document>>|
+         -> Option<(usize, Vec<Record>)> {
+            loop {
+                let (source, digest, record) = match listing.next()? {
+                    Listed::Passed => {
+                        bar.dec_length(1);
+                        continue;
+                    }
+                    Listed::Kept { source, digest } => (Arc::<str>::from(source), digest, None),
+                    Listed::Read { record, digest } => {
+                        (record.lineage.source.clone(), digest, Some(record))
+                    }
+                };
+                keys.push(key(&source, &digest));
+                let entry = kept_entries
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&*source);
+                sources.push(source);
+                match (record, entry) {
+                    (Some(record), _) => {
+                        documents.push(None);
+                        return Some((documents.len() - 1, vec![record]));
+                    }
+                    (None, Some(entry)) => {
+                        bar.dec_length(1);
+                        documents.push(Some(Document::Kept(entry)));
+                        kept += 1;
+                    }
+                    // `is_kept` stores the entry of every document it answers yes for.
+                    (None, None) => unreachable!("a kept document without its entry"),
+                }
+            }
+        };
         let mut running = futures::stream::FuturesUnordered::new();
         let mut failure = None;
         let streaming = streams.is_some();
-        let mut done = |(i, result): (usize, Result<Made, (String, StageError)>)| {
+        let done = |documents: &mut Vec<Option<Document>>,
+                    keys: &[blake3::Hash],
+                    failure: &mut Option<(String, StageError)>,
+                    (i, result): (usize, Result<Made, (String, StageError)>)| {
             bar.inc(1);
             match result {
                 Ok(mut made) => {
@@ -330,27 +362,29 @@ impl Run<'_> {
                 }
                 // A fatal error stops the other documents, which then end as interrupted:
                 // report the cause.
-                Err(err) => match &failure {
-                    Some((_, StageError::Interrupted)) | None => failure = Some(err),
+                Err(err) => match failure {
+                    Some((_, StageError::Interrupted)) | None => *failure = Some(err),
                     Some(_) => {}
                 },
             }
         };
         // On a failure, the documents in flight still finish (their calls are cached); the
         // providers start no new call once the run is stopping.
+        let mut next = take_next(&mut sources, &mut keys, &mut documents);
         loop {
             while running.len() < room
                 && (running.is_empty() || pacing.is_none_or(|p| p.wants_more()))
-                && let Some((i, records)) = pending.next()
+                && let Some((i, records)) = next.take()
             {
                 running.push(async move { (i, run_document(plan, layout, shared, records).await) });
                 // Run it up to its first wait, so that its calls count before the next
                 // document is considered.
                 if let Some(Some(finished)) = running.next().now_or_never() {
-                    done(finished);
+                    done(&mut documents, &keys, &mut failure, finished);
                 }
+                next = take_next(&mut sources, &mut keys, &mut documents);
             }
-            let more = pending.peek().is_some();
+            let more = next.is_some();
             let finished = match pacing {
                 Some(provider) if more => tokio::select! {
                     finished = running.next() => finished,
@@ -359,16 +393,31 @@ impl Run<'_> {
                 _ => running.next().await,
             };
             match finished {
-                Some(finished) => done(finished),
+                Some(finished) => done(&mut documents, &keys, &mut failure, finished),
                 None if more => continue,
                 None => break,
             }
         }
         drop(running);
         bar.finish_and_clear();
+        let listed = listing.finish();
+        self.outcomes[layout.source] = Some(StageOutcome {
+            name: source_stage.name.clone(),
+            kind: source_stage.kind,
+            records_in: 0,
+            // Documents skipped are documents all the same.
+            records_out: documents.len(),
+            stats: source_stats,
+            unchanged: false,
+        });
         if let Some((stage, err)) = failure {
             return Err(RunError::of_stage(&stage, err));
         }
+        listed.map_err(|err| RunError::of_stage(&source_stage.name, err))?;
+        if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RunError::Interrupted);
+        }
+        self.documents_skipped = Some((kept, documents.len()));
         let documents: Vec<Document> = documents.into_iter().flatten().collect();
         self.report_documents(layout, &documents);
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::cache::DiskStore;
 use crate::config::Plan;
 use crate::record::Record;
-use crate::stage::{Mode, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats};
+use crate::stage::{Mode, Reject, RunShared, StageContext, StageError, StageStats};
 
 pub struct RunOptions {
     pub mode: Mode,
@@ -196,15 +196,6 @@ impl<'a> Run<'a> {
 
     /// Run one stage over all of its input.
     async fn stage(&mut self, pos: usize) -> Result<(), RunError> {
-        self.stage_skipping(pos, None).await
-    }
-
-    /// Run one stage; a source stage leaves out the documents `skip` names.
-    async fn stage_skipping(
-        &mut self,
-        pos: usize,
-        skip: Option<&SkipDocument<'_>>,
-    ) -> Result<(), RunError> {
         let planned = &self.plan.stages[pos];
         let input = self.take_input(pos);
         let records_in = input.len();
@@ -217,7 +208,7 @@ impl<'a> Run<'a> {
             ancestors: &planned.ancestors,
             rejects: &self.shared.rejects,
             usage: &self.shared.usage,
-            skip,
+            skip: None,
             bars: true,
         };
         let output = planned.stage.run(cx, input).await;

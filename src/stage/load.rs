@@ -14,7 +14,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json, json};
 
-use super::{BuildContext, Kind, Mode, Stage, StageContext, StageError, StageStats};
+use super::{
+    BuildContext, Kind, Listed, Listing, Mode, Stage, StageContext, StageError, StageStats,
+};
 use crate::cache::memo::{
     FILE_INDEX_BUCKET, FileFacts, FileIndex, FileIndexKey, MEMO_KEY_VERSION, MemoKey,
 };
@@ -317,91 +319,155 @@ impl Stage for Load {
         _input: Vec<Record>,
     ) -> BoxFuture<'a, Result<Vec<Record>, StageError>> {
         async move {
-            // Relative path → file, first pattern wins; BTreeMap keeps the order stable.
-            let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
-            for (pattern, source) in self.patterns.iter().zip(&self.config.paths) {
-                let files = pattern.files();
-                if files.is_empty() {
-                    cx.stats.note(format!("`{source}` matched no files"));
-                }
-                for (path, relative) in files {
-                    found.entry(relative).or_insert(path);
+            let mut reading = Reading::new(self, cx);
+            let mut records = Vec::new();
+            while let Some(listed) = reading.next() {
+                if let Listed::Read { record, .. } = listed {
+                    records.push(record);
                 }
             }
-            let mut records = Vec::with_capacity(found.len());
-            let mut documents = BTreeMap::new();
-            // With `skip`, documents the runner already has results for are listed by digest
-            // only, and unchanged files are not even read (see [`FileIndex`]).
-            let index_key = cx.skip.map(|_| self.index_key());
-            let index = match &index_key {
-                Some(key) => read_index(&cx, key),
-                None => FileIndex::default(),
-            };
-            let mut next_index = FileIndex::default();
-            for (relative, path) in found {
-                StageStats::add(&cx.stats.items, 1);
-                let shown = path.display().to_string();
-                let facts = FileFacts::stat(&path).ok();
-                if let (Some(skip), Some(facts), Some(known)) =
-                    (cx.skip, &facts, index.files.get(&shown))
-                    && known.same_file(facts)
-                    && skip(&relative, &known.digest)
-                {
-                    documents.insert(relative, known.digest.clone());
-                    next_index.files.insert(shown, known.clone());
-                    continue;
-                }
-                match read_document(&path, self.config.max_bytes) {
-                    Ok((text, digest)) => {
-                        if let Some(mut facts) = facts {
-                            facts.digest = digest.clone();
-                            if facts.settled() {
-                                next_index.files.insert(shown, facts);
-                            }
-                        }
-                        documents.insert(relative.clone(), digest.clone());
-                        if cx.skip.is_some_and(|skip| skip(&relative, &digest)) {
-                            continue;
-                        }
-                        let mut data = Map::new();
-                        data.insert("path".into(), json!(relative));
-                        data.insert("text".into(), Json::String(text));
-                        records.push(Record::new(data, Lineage::document(&relative)));
-                    }
-                    Err(reason) => {
-                        StageStats::add(&cx.stats.skipped, 1);
-                        cx.stats
-                            .note(format!("skipped {}: {reason}", path.display()));
-                    }
-                }
-            }
-            if let Some(key) = &index_key
-                && cx.shared.mode == Mode::Run
-                && next_index != index
-                && let Ok(bytes) = serde_json::to_vec(&next_index)
-            {
-                // Best effort: without it the next run reads every file again.
-                let _ = cx.shared.store.put(FILE_INDEX_BUCKET, key, &bytes);
-            }
-            if documents.is_empty() {
-                return Err(StageError::Message(format!(
-                    "no documents to load from {}",
-                    self.config
-                        .paths
-                        .iter()
-                        .map(|p| format!("`{p}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            cx.shared
-                .documents
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(documents);
+            Box::new(reading).finish()?;
             Ok(records)
         }
         .boxed()
+    }
+
+    fn list<'a>(&'a self, cx: StageContext<'a>) -> Option<Box<dyn Listing + 'a>> {
+        Some(Box::new(Reading::new(self, cx)))
+    }
+}
+
+/// The files the patterns match, read one at a time (see [`Listing`]).
+struct Reading<'a> {
+    load: &'a Load,
+    cx: StageContext<'a>,
+    /// (path relative to its pattern's base, file), in order.
+    files: std::vec::IntoIter<(String, PathBuf)>,
+    found: usize,
+    /// With `skip`, documents the runner already has results for are listed by digest only,
+    /// and unchanged files are not even read (see [`FileIndex`]).
+    index_key: Option<blake3::Hash>,
+    index: FileIndex,
+    next_index: FileIndex,
+    /// Every document read or kept: relative path → digest.
+    documents: BTreeMap<String, String>,
+}
+
+impl<'a> Reading<'a> {
+    fn new(load: &'a Load, cx: StageContext<'a>) -> Self {
+        // Relative path → file, first pattern wins; BTreeMap keeps the order stable.
+        let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for (pattern, source) in load.patterns.iter().zip(&load.config.paths) {
+            let files = pattern.files();
+            if files.is_empty() {
+                cx.stats.note(format!("`{source}` matched no files"));
+            }
+            for (path, relative) in files {
+                found.entry(relative).or_insert(path);
+            }
+        }
+        let index_key = cx.skip.map(|_| load.index_key());
+        let index = match &index_key {
+            Some(key) => read_index(&cx, key),
+            None => FileIndex::default(),
+        };
+        Reading {
+            load,
+            cx,
+            found: found.len(),
+            files: found.into_iter().collect::<Vec<_>>().into_iter(),
+            index_key,
+            index,
+            next_index: FileIndex::default(),
+            documents: BTreeMap::new(),
+        }
+    }
+}
+
+impl Listing for Reading<'_> {
+    fn found(&self) -> usize {
+        self.found
+    }
+
+    fn next(&mut self) -> Option<Listed> {
+        let cx = &self.cx;
+        let (relative, path) = self.files.next()?;
+        StageStats::add(&cx.stats.items, 1);
+        let shown = path.display().to_string();
+        let facts = FileFacts::stat(&path).ok();
+        if let (Some(skip), Some(facts), Some(known)) =
+            (cx.skip, &facts, self.index.files.get(&shown))
+            && known.same_file(facts)
+            && skip(&relative, &known.digest)
+        {
+            self.documents
+                .insert(relative.clone(), known.digest.clone());
+            self.next_index.files.insert(shown, known.clone());
+            return Some(Listed::Kept {
+                source: relative,
+                digest: known.digest.clone(),
+            });
+        }
+        match read_document(&path, self.load.config.max_bytes) {
+            Ok((text, digest)) => {
+                if let Some(mut facts) = facts {
+                    facts.digest = digest.clone();
+                    if facts.settled() {
+                        self.next_index.files.insert(shown, facts);
+                    }
+                }
+                self.documents.insert(relative.clone(), digest.clone());
+                if cx.skip.is_some_and(|skip| skip(&relative, &digest)) {
+                    return Some(Listed::Kept {
+                        source: relative,
+                        digest,
+                    });
+                }
+                let mut data = Map::new();
+                data.insert("path".into(), json!(relative));
+                data.insert("text".into(), Json::String(text));
+                Some(Listed::Read {
+                    record: Record::new(data, Lineage::document(&relative)),
+                    digest,
+                })
+            }
+            Err(reason) => {
+                StageStats::add(&cx.stats.skipped, 1);
+                cx.stats
+                    .note(format!("skipped {}: {reason}", path.display()));
+                Some(Listed::Passed)
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), StageError> {
+        let cx = &self.cx;
+        if let Some(key) = &self.index_key
+            && cx.shared.mode == Mode::Run
+            && self.next_index != self.index
+            && let Ok(bytes) = serde_json::to_vec(&self.next_index)
+        {
+            // Best effort: without it the next run reads every file again.
+            let _ = cx.shared.store.put(FILE_INDEX_BUCKET, key, &bytes);
+        }
+        if self.documents.is_empty() {
+            return Err(StageError::Message(format!(
+                "no documents to load from {}",
+                self.load
+                    .config
+                    .paths
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        cx.shared
+            .documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(self.documents);
+        Ok(())
     }
 }
 

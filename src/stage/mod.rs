@@ -92,6 +92,39 @@ pub trait Stage: Send + Sync {
     fn stream<'a>(&'a self, _cx: StageContext<'a>) -> Option<Box<dyn Streamed + 'a>> {
         None
     }
+
+    /// A source stage's documents found now and each read as the runner takes it (see
+    /// [`Listing`]), for a run document by document; `None` when the stage cannot, and the
+    /// runner then runs the pipeline whole. `cx.skip` names the documents the runner has
+    /// results for.
+    fn list<'a>(&'a self, _cx: StageContext<'a>) -> Option<Box<dyn Listing + 'a>> {
+        None
+    }
+}
+
+/// A source stage's documents, in order, each read only when the runner takes it: only the
+/// documents in flight are in memory, however large the corpus.
+pub trait Listing: Send {
+    /// How many candidates were found (files, for `load`); some may not be documents.
+    fn found(&self) -> usize;
+
+    /// The next candidate; `None` after the last.
+    fn next(&mut self) -> Option<Listed>;
+
+    /// After the last: what the stage's [`Stage::run`] does once it has read everything
+    /// (`load` records the files it read, and fails when none was a document).
+    fn finish(self: Box<Self>) -> Result<(), StageError>;
+}
+
+/// What a [`Listing`] hands over next.
+pub enum Listed {
+    /// A document whose results the runner has (its `skip` said so): `source` and the
+    /// digest of its bytes.
+    Kept { source: String, digest: String },
+    /// A document to run: its record and the digest of its bytes.
+    Read { record: Record, digest: String },
+    /// A candidate that is not a document (noted in the stage's stats).
+    Passed,
 }
 
 /// A stage fed its input in pieces: each document's records, documents in lineage order,

@@ -476,6 +476,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_listing_reads_each_file_when_it_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = dir.path().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        for name in ["a.md", "b.md", "c.md"] {
+            std::fs::write(docs.join(name), format!("# {name}\nfirst\n")).unwrap();
+        }
+        std::fs::write(docs.join("bin.md"), b"x\0y").unwrap();
+        let load = Load {
+            config: LoadConfig {
+                paths: vec![format!("{}/*.md", docs.display())],
+                max_bytes: default_max_bytes(),
+            },
+            patterns: vec![Pattern::new(&format!("{}/*.md", docs.display())).unwrap()],
+        };
+        let shared = crate::stage::RunShared::for_tests(&dir.path().join("cache"));
+        let stats = StageStats::default();
+        let rejects = std::sync::Mutex::default();
+        let usage = std::sync::Mutex::default();
+        let cx = StageContext {
+            name: "docs",
+            shared: &shared,
+            stats: &stats,
+            splits: None,
+            ancestors: &[],
+            rejects: &rejects,
+            usage: &usage,
+            skip: None,
+            bars: false,
+        };
+        let mut listing = load.list(cx).unwrap();
+        assert_eq!(listing.found(), 4);
+        let text = |listed: Option<Listed>| match listed {
+            Some(Listed::Read { record, .. }) => record.str_field("text").unwrap().to_owned(),
+            _ => panic!("expected a document"),
+        };
+        assert_eq!(text(listing.next()), "# a.md\nfirst\n");
+        // Files not yet taken are not yet read: an edit made now is what the run gets.
+        std::fs::write(docs.join("c.md"), "# c.md\nsecond\n").unwrap();
+        assert_eq!(text(listing.next()), "# b.md\nfirst\n");
+        assert!(matches!(listing.next(), Some(Listed::Passed)));
+        assert_eq!(text(listing.next()), "# c.md\nsecond\n");
+        assert!(listing.next().is_none());
+        listing.finish().unwrap();
+        assert_eq!(shared.documents.lock().unwrap().len(), 3);
+        assert_eq!(StageStats::get(&stats.skipped), 1);
+    }
+
+    #[test]
     fn bad_files_are_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let p = |n: &str| dir.path().join(n);

@@ -374,11 +374,12 @@ impl Run<'_> {
                 },
             }
         };
-        // On a failure, the documents in flight still finish (their calls are cached); the
-        // providers start no new call once the run is stopping.
+        // On a failure, the documents in flight still finish (their calls are cached); no
+        // document starts, and the providers start no call, once the run is stopping.
         let mut next = take_next(&mut sources, &mut keys, &mut documents);
         loop {
-            while running.len() < room
+            while !shared.stopping()
+                && running.len() < room
                 && (running.is_empty() || pacing.is_none_or(|p| p.wants_more()))
                 && let Some((i, records)) = next.take()
             {
@@ -390,7 +391,7 @@ impl Run<'_> {
                 }
                 next = take_next(&mut sources, &mut keys, &mut documents);
             }
-            let more = next.is_some();
+            let more = next.is_some() && !shared.stopping();
             let finished = match pacing {
                 Some(provider) if more => tokio::select! {
                     finished = running.next() => finished,
@@ -420,7 +421,8 @@ impl Run<'_> {
             return Err(RunError::of_stage(&stage, err));
         }
         listed.map_err(|err| RunError::of_stage(&source_stage.name, err))?;
-        if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if documents.iter().any(Option::is_none) {
+            // Stopped before every document was started.
             return Err(RunError::Interrupted);
         }
         self.documents_skipped = Some((kept, documents.len()));

@@ -93,10 +93,9 @@ pub trait Stage: Send + Sync {
         None
     }
 
-    /// A source stage's documents found now and each read as the runner takes it (see
-    /// [`Listing`]), for a run document by document; `None` when the stage cannot, and the
-    /// runner then runs the pipeline whole. `cx.skip` names the documents the runner has
-    /// results for.
+    /// A source stage's documents, found now and each read as the runner takes it (see
+    /// [`Listing`]): a run document by document starts from it, and fails on a source
+    /// stage that gives none. `cx.skip` names the documents the runner has results for.
     fn list<'a>(&'a self, _cx: StageContext<'a>) -> Option<Box<dyn Listing + 'a>> {
         None
     }

@@ -1,6 +1,7 @@
 //! The promises of the cache: a re-run costs nothing, an edit costs only what changed, and
 //! output files do not depend on the order calls finished in.
 
+use std::process::Output;
 use std::time::Duration;
 
 use crate::mock::{Behavior, MockLlm};
@@ -439,6 +440,24 @@ stages:
     )
 }
 
+/// The no-paths pipeline run twice over the workspace's documents: as a chain (into `out`),
+/// whose later stages are fed document by document, and with a second export reading
+/// `splits` (into `out-fork` and `out-chat`), a fork that runs them whole.
+fn run_chained_and_forked(ws: &Workspace) -> (Output, Output) {
+    let mock = MockLlm::start(Behavior::default());
+    ws.write("chain.yaml", pipeline_without_paths(ws, &mock, "out", ""));
+    let chained = ws.keg(&["run", "chain.yaml"]);
+    crate::support::assert_success(&chained);
+    let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
+    ws.write(
+        "fork.yaml",
+        pipeline_without_paths(ws, &mock, "out-fork", fork),
+    );
+    let forked = ws.keg(&["run", "fork.yaml"]);
+    crate::support::assert_success(&forked);
+    (chained, forked)
+}
+
 #[test]
 fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() {
     // dedupe → split → export form one chain after the per-document stages, so they are fed
@@ -447,17 +466,7 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
     // copy of a document asks the same questions, and only the first document keeps them.
     let ws = workspace_with_docs();
     ws.write("docs/zz-copy-of-ledger.md", sample_doc("ledger"));
-    let mock = MockLlm::start(Behavior::default());
-    ws.write("chain.yaml", pipeline_without_paths(&ws, &mock, "out", ""));
-    let chained = ws.keg(&["run", "chain.yaml"]);
-    crate::support::assert_success(&chained);
-    let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
-    ws.write(
-        "fork.yaml",
-        pipeline_without_paths(&ws, &mock, "out-fork", fork),
-    );
-    let forked = ws.keg(&["run", "fork.yaml"]);
-    crate::support::assert_success(&forked);
+    let (chained, forked) = run_chained_and_forked(&ws);
 
     // 5 documents × 3 sections, 3 questions each; the copy's 9 are dropped.
     let rows = |dir: &str| -> Vec<String> {
@@ -503,17 +512,7 @@ fn later_stages_fed_over_many_batches_keep_document_order() {
         ws.write(&format!("docs/{topic}.md"), sample_doc(&topic));
     }
     ws.write("docs/zz-copy-of-extra00.md", sample_doc("extra00"));
-    let mock = MockLlm::start(Behavior::default());
-    ws.write("chain.yaml", pipeline_without_paths(&ws, &mock, "out", ""));
-    let chained = ws.keg(&["run", "chain.yaml"]);
-    crate::support::assert_success(&chained);
-    let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
-    ws.write(
-        "fork.yaml",
-        pipeline_without_paths(&ws, &mock, "out-fork", fork),
-    );
-    let forked = ws.keg(&["run", "fork.yaml"]);
-    crate::support::assert_success(&forked);
+    let (chained, forked) = run_chained_and_forked(&ws);
     for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
         assert_eq!(
             ws.read(&format!("out/{name}")),

@@ -342,7 +342,7 @@ struct Reading<'a> {
     load: &'a Load,
     cx: StageContext<'a>,
     /// (path relative to its pattern's base, file), in order.
-    files: std::vec::IntoIter<(String, PathBuf)>,
+    files: std::collections::btree_map::IntoIter<String, PathBuf>,
     found: usize,
     /// With `skip`, documents the runner already has results for are listed by digest only,
     /// and unchanged files are not even read (see [`FileIndex`]).
@@ -375,7 +375,7 @@ impl<'a> Reading<'a> {
             load,
             cx,
             found: found.len(),
-            files: found.into_iter().collect::<Vec<_>>().into_iter(),
+            files: found.into_iter(),
             index_key,
             index,
             next_index: FileIndex::default(),

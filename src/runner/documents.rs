@@ -252,7 +252,6 @@ impl Run<'_> {
         let mut sources: Vec<Arc<str>> = Vec::new();
         let mut keys: Vec<blake3::Hash> = Vec::new();
         let mut documents: Vec<Option<Document>> = Vec::new();
-        let mut kept = 0;
 
         // The later stages, fed document by document when they can be.
         let tail_stats: Vec<StageStats> =
@@ -317,34 +316,26 @@ impl Run<'_> {
                 if ahead.is_empty() {
                     ahead.extend(std::iter::from_fn(|| listing.next()).take(READ_AHEAD));
                 }
-                let (source, digest, record) = match ahead.pop_front()? {
-                    Listed::Passed => {
+                match ahead.pop_front()? {
+                    Listed::Passed => bar.dec_length(1),
+                    Listed::Kept { source, digest } => {
+                        let entry = kept_entries
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&source)
+                            .expect("`is_kept` stores the entry of each document it keeps");
+                        keys.push(key(&source, &digest));
+                        sources.push(Arc::from(source));
+                        documents.push(Some(Document::Kept(entry)));
                         bar.dec_length(1);
-                        continue;
                     }
-                    Listed::Kept { source, digest } => (Arc::<str>::from(source), digest, None),
                     Listed::Read { record, digest } => {
-                        (record.lineage.source.clone(), digest, Some(record))
-                    }
-                };
-                keys.push(key(&source, &digest));
-                let entry = kept_entries
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&*source);
-                sources.push(source);
-                match (record, entry) {
-                    (Some(record), _) => {
+                        let source = record.lineage.source.clone();
+                        keys.push(key(&source, &digest));
+                        sources.push(source);
                         documents.push(None);
                         return Some((documents.len() - 1, vec![record]));
                     }
-                    (None, Some(entry)) => {
-                        bar.dec_length(1);
-                        documents.push(Some(Document::Kept(entry)));
-                        kept += 1;
-                    }
-                    // `is_kept` stores the entry of every document it answers yes for.
-                    (None, None) => unreachable!("a kept document without its entry"),
                 }
             }
         };
@@ -425,6 +416,10 @@ impl Run<'_> {
             // Stopped before every document was started.
             return Err(RunError::Interrupted);
         }
+        let kept = documents
+            .iter()
+            .filter(|d| matches!(d, Some(Document::Kept(_))))
+            .count();
         self.documents_skipped = Some((kept, documents.len()));
         let documents: Vec<Document> = documents.into_iter().flatten().collect();
         self.report_documents(layout, &documents);

@@ -159,14 +159,19 @@ impl Prompt {
     }
 
     /// How many examples to ask `record` for; `None` when there is no `items` expression and
-    /// no `text` to size the default by.
-    fn items(&self, expr: &Expression, record: &mut Record) -> Result<Option<u64>, StageError> {
+    /// no `text` to size the default by. `count`: the expression read as a plain number
+    /// (`items: 3`), the same for every record.
+    fn items(
+        &self,
+        expr: &Expression,
+        count: Option<u64>,
+        record: &mut Record,
+    ) -> Result<Option<u64>, StageError> {
         if self.config.items.is_none() && !record.data.contains_key("text") {
             return Ok(None);
         }
-        // A plain count (`items: 3`) is the same for every record.
-        if let Ok(n) = expr.source().trim().parse::<u64>() {
-            return Ok(Some(n));
+        if count.is_some() {
+            return Ok(count);
         }
         let value = template_context(record, &[("vars", self.vars.clone())], |_, context| {
             expr.eval(context)
@@ -223,6 +228,8 @@ impl Stage for Prompt {
             let items = self
                 .templates
                 .expression(self.config.items.as_deref().unwrap_or(DEFAULT_ITEMS))?;
+            // A plain count (`items: 3`) is read once, not evaluated per record.
+            let count = items.source().trim().parse::<u64>().ok();
             // A system message of text alone is the same for every record: rendered once.
             let fixed_system = match &system {
                 Some(system) if system.is_text() => {
@@ -234,7 +241,7 @@ impl Stage for Prompt {
             let mut out = Vec::with_capacity(input.len());
             for mut record in input {
                 StageStats::add(&cx.stats.items, 1);
-                let items = self.items(&items, &mut record)?;
+                let items = self.items(&items, count, &mut record)?;
                 let mut extra = vec![("vars", self.vars.clone())];
                 if let Some(n) = items {
                     extra.push(("items", minijinja::Value::from(n)));

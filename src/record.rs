@@ -128,11 +128,20 @@ impl<'a> CanonicalWriter<'a> {
 
 trait Sink {
     fn put(&mut self, bytes: &[u8]);
+
+    /// A buffer with `worst` bytes of room to write into (`HashSink` hashes what it holds
+    /// first when they would not fit).
+    fn room(&mut self, worst: usize) -> &mut Vec<u8>;
 }
 
 impl Sink for Vec<u8> {
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
+    }
+
+    fn room(&mut self, worst: usize) -> &mut Vec<u8> {
+        self.reserve(worst);
+        self
     }
 }
 
@@ -176,6 +185,14 @@ impl Sink for HashSink<'_> {
         }
         self.buffer.extend_from_slice(bytes);
     }
+
+    fn room(&mut self, worst: usize) -> &mut Vec<u8> {
+        if self.buffer.len() + worst > HASH_BUFFER && !self.buffer.is_empty() {
+            self.hasher.update(&self.buffer);
+            self.buffer.clear();
+        }
+        &mut self.buffer
+    }
 }
 
 /// Lets `serde_json` write a number into a sink.
@@ -193,7 +210,7 @@ impl<S: Sink> std::io::Write for SinkWriter<'_, S> {
 }
 
 /// An object exactly as `serde_json::to_vec` writes it (no whitespace, keys in the map's
-/// order), appended to `out`. Strings are escaped eight bytes at a time, where `serde_json`
+/// order), appended to `out`. Strings are escaped many bytes at a time, where `serde_json`
 /// looks at each byte: for what is written per call (cache entries, output rows).
 pub fn write_json_map(map: &Map<String, Value>, out: &mut Vec<u8>) {
     write_map::<false>(map, out);
@@ -280,71 +297,32 @@ fn write_entries<'v, const SORTED: bool>(
 }
 
 /// A JSON string exactly as `serde_json` escapes it: `"`, `\` and control characters only,
-/// the short forms where JSON has them, else `\u00xx` in lower case. The next byte to escape
-/// is found eight bytes at a time, and the runs between are copied whole.
+/// the short forms where JSON has them, else `\u00xx` in lower case. `json_escape_simd`
+/// looks at 32 bytes at a time; it wants room for the worst case, six bytes out for each
+/// byte in, so a long text is escaped [`ESCAPE_PIECE`] bytes at a time.
 fn write_str(text: &str, out: &mut impl Sink) {
-    let bytes = text.as_bytes();
-    out.put(b"\"");
-    let (mut start, mut i) = (0, 0);
-    loop {
-        while let Some(word) = bytes
-            .get(i..i + 8)
-            .and_then(|w| <[u8; 8]>::try_from(w).ok())
-        {
-            let mask = escape_mask(u64::from_le_bytes(word));
-            if mask != 0 {
-                // The lowest flagged byte is always a true match (borrows only run upwards).
-                i += (mask.trailing_zeros() / 8) as usize;
-                break;
-            }
-            i += 8;
-        }
-        while i < bytes.len() && !must_escape(bytes[i]) {
-            i += 1;
-        }
-        let Some(&byte) = bytes.get(i) else { break };
-        out.put(&bytes[start..i]);
-        match byte {
-            b'"' => out.put(b"\\\""),
-            b'\\' => out.put(b"\\\\"),
-            b'\n' => out.put(b"\\n"),
-            b'\r' => out.put(b"\\r"),
-            b'\t' => out.put(b"\\t"),
-            0x08 => out.put(b"\\b"),
-            0x0c => out.put(b"\\f"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.put(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[usize::from(byte >> 4)],
-                    HEX[usize::from(byte & 0xf)],
-                ]);
-            }
-        }
-        i += 1;
-        start = i;
+    let worst = |len: usize| len * 6 + 64;
+    if text.len() <= ESCAPE_PIECE {
+        json_escape_simd::escape_into(text, out.room(worst(text.len())));
+        return;
     }
-    out.put(&bytes[start..]);
+    out.put(b"\"");
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (piece, tail) = rest.split_at(rest.floor_char_boundary(ESCAPE_PIECE));
+        let buffer = out.room(worst(piece.len()));
+        let start = buffer.len();
+        json_escape_simd::escape_into(piece, buffer);
+        // Without the piece's own quotes.
+        let end = buffer.len() - 1;
+        buffer.copy_within(start + 1..end, start);
+        buffer.truncate(end - 1);
+        rest = tail;
+    }
     out.put(b"\"");
 }
 
-fn must_escape(byte: u8) -> bool {
-    byte < 0x20 || byte == b'"' || byte == b'\\'
-}
-
-/// A high bit in each byte of `word` (little-endian) that is a control character, `"` or
-/// `\` — exact up to the first such byte; bits above it may be false alarms.
-fn escape_mask(word: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v & HIGHS;
-    below(word, 0x20)
-        | below(word ^ (ONES * u64::from(b'"')), 1)
-        | below(word ^ (ONES * u64::from(b'\\')), 1)
-}
+const ESCAPE_PIECE: usize = 2048;
 
 /// Records in lineage order.
 pub fn by_lineage(a: &Record, b: &Record) -> Ordering {
@@ -388,6 +366,40 @@ mod tests {
                 String::from_utf8(out).unwrap(),
                 serde_json::to_string(&text).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn an_escape_at_any_offset_of_a_long_string_is_written_as_serde_json_writes_it() {
+        // The escaper looks at 16 to 64 bytes at a time: every offset across several blocks,
+        // with ASCII and multi-byte text around the escape.
+        for fill in ["a", "é"] {
+            for len in 0..100 {
+                for escape in ["\"", "\\", "\n", "\u{1}", "\u{1f}"] {
+                    for at in 0..=len {
+                        let text = format!("{}{escape}{}", fill.repeat(at), fill.repeat(len - at));
+                        let mut out = Vec::new();
+                        write_str(&text, &mut out);
+                        assert_eq!(out, serde_json::to_vec(&text).unwrap(), "{text:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strings_hashed_across_the_hash_buffer_hash_as_their_bytes() {
+        // Strings whose worst case does not fit what is left of the buffer, after a little
+        // and after a lot is already in it.
+        for (before, len) in [(10, 2_700), (15_000, 100), (16_000, 3_000), (0, 20_000)] {
+            // Escapes and three-byte characters across the pieces long text is escaped in.
+            let v = json!({
+                "a": "b".repeat(before),
+                "c": "\"q\"\n".repeat(len / 4),
+                "d": "日\t本".repeat(len / 7),
+            });
+            assert_eq!(canonical_hash(&v), blake3::hash(&canonical_json(&v)));
+            assert_eq!(canonical_json(&v), serde_json::to_vec(&v).unwrap());
         }
     }
 

@@ -129,8 +129,8 @@ impl<'a> CanonicalWriter<'a> {
 trait Sink {
     fn put(&mut self, bytes: &[u8]);
 
-    /// A buffer with `worst` bytes of room to write into (`HashSink` hashes what it holds
-    /// first when they would not fit).
+    /// A buffer to write up to `worst` bytes into: `HashSink` hashes what it holds first
+    /// when they would not fit in it.
     fn room(&mut self, worst: usize) -> &mut Vec<u8>;
 }
 
@@ -139,8 +139,8 @@ impl Sink for Vec<u8> {
         self.extend_from_slice(bytes);
     }
 
-    fn room(&mut self, worst: usize) -> &mut Vec<u8> {
-        self.reserve(worst);
+    fn room(&mut self, _worst: usize) -> &mut Vec<u8> {
+        // The escaper reserves what it needs.
         self
     }
 }

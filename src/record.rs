@@ -322,6 +322,7 @@ fn write_str(text: &str, out: &mut impl Sink) {
     out.put(b"\"");
 }
 
+/// How much of a long text [`write_str`] escapes at a time.
 const ESCAPE_PIECE: usize = 2048;
 
 /// Records in lineage order.
@@ -370,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn an_escape_at_any_offset_of_a_long_string_is_written_as_serde_json_writes_it() {
+    fn an_escape_at_any_offset_is_written_as_serde_json_writes_it() {
         // The escaper looks at 16 to 64 bytes at a time: every offset across several blocks,
         // with ASCII and multi-byte text around the escape.
         for fill in ["a", "é"] {

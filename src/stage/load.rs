@@ -440,7 +440,15 @@ impl Listing for Reading<'_> {
         }
     }
 
-    fn finish(self: Box<Self>) -> Result<(), StageError> {
+    fn finish(mut self: Box<Self>) -> Result<(), StageError> {
+        // A run stopped before the last file: the files it did not reach keep what the index
+        // knew of them, so the next run does not read them all again.
+        for (_, path) in self.files.by_ref() {
+            let shown = path.display().to_string();
+            if let Some(known) = self.index.files.get(&shown) {
+                self.next_index.files.insert(shown, known.clone());
+            }
+        }
         let cx = &self.cx;
         if let Some(key) = &self.index_key
             && cx.shared.mode == Mode::Run
@@ -522,6 +530,62 @@ mod tests {
         listing.finish().unwrap();
         assert_eq!(shared.documents.lock().unwrap().len(), 3);
         assert_eq!(StageStats::get(&stats.skipped), 1);
+    }
+
+    #[test]
+    fn a_listing_stopped_early_keeps_the_index_of_the_files_it_did_not_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = dir.path().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for name in ["a.md", "b.md", "c.md", "d.md"] {
+            let path = docs.join(name);
+            std::fs::write(&path, format!("# {name}\n")).unwrap();
+            // Settled, so the index remembers them.
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(an_hour_ago)
+                .unwrap();
+        }
+        let pattern = format!("{}/*.md", docs.display());
+        let load = Load {
+            config: LoadConfig {
+                paths: vec![pattern.clone()],
+                max_bytes: default_max_bytes(),
+            },
+            patterns: vec![Pattern::new(&pattern).unwrap()],
+        };
+        let shared = crate::stage::RunShared::for_tests(&dir.path().join("cache"));
+        let (stats, rejects, usage) = (
+            StageStats::default(),
+            Default::default(),
+            Default::default(),
+        );
+        let keep_all = |_: &str, _: &str| true;
+        let cx = || StageContext {
+            name: "docs",
+            shared: &shared,
+            stats: &stats,
+            splits: None,
+            ancestors: &[],
+            rejects: &rejects,
+            usage: &usage,
+            skip: Some(&keep_all),
+            bars: false,
+        };
+        let indexed = || read_index(&cx(), &load.index_key()).files.len();
+        // A whole run: every file is read once and indexed.
+        let mut listing = load.list(cx()).unwrap();
+        while listing.next().is_some() {}
+        listing.finish().unwrap();
+        assert_eq!(indexed(), 4);
+        // A run stopped after the first file: the other three stay indexed.
+        let mut listing = load.list(cx()).unwrap();
+        assert!(matches!(listing.next(), Some(Listed::Kept { .. })));
+        listing.finish().unwrap();
+        assert_eq!(indexed(), 4);
     }
 
     #[test]

@@ -399,15 +399,13 @@ impl Run<'_> {
         drop(running);
         bar.finish_and_clear();
         let listed = listing.finish();
-        self.outcomes[layout.source] = Some(StageOutcome {
-            name: source_stage.name.clone(),
-            kind: source_stage.kind,
-            records_in: 0,
-            // Documents skipped are documents all the same.
-            records_out: documents.len(),
-            stats: source_stats,
-            unchanged: false,
-        });
+        // Documents skipped are documents all the same.
+        self.outcomes[layout.source] = Some(StageOutcome::of(
+            source_stage,
+            0,
+            documents.len(),
+            source_stats,
+        ));
         if let Some((stage, err)) = failure {
             return Err(RunError::of_stage(&stage, err));
         }
@@ -459,14 +457,8 @@ impl Run<'_> {
                 let planned = &plan.stages[pos];
                 let stats = StageStats::default();
                 stats.absorb(&fed.snapshot());
-                self.outcomes[pos] = Some(StageOutcome {
-                    name: planned.name.clone(),
-                    kind: planned.kind,
-                    records_in,
-                    records_out,
-                    stats,
-                    unchanged: false,
-                });
+                self.outcomes[pos] =
+                    Some(StageOutcome::of(planned, records_in, records_out, stats));
             }
         } else {
             // Something changed: the later stages read every document's records.
@@ -528,14 +520,7 @@ impl Run<'_> {
                     Document::Made(_) => stats.absorb(&memo.stats),
                 }
             }
-            self.outcomes[pos] = Some(StageOutcome {
-                name: planned.name.clone(),
-                kind: planned.kind,
-                records_in,
-                records_out,
-                stats,
-                unchanged: false,
-            });
+            self.outcomes[pos] = Some(StageOutcome::of(planned, records_in, records_out, stats));
         }
         let mut rejects = shared.rejects.lock().unwrap_or_else(|e| e.into_inner());
         let mut usage = shared.usage.lock().unwrap_or_else(|e| e.into_inner());
@@ -587,12 +572,8 @@ impl Run<'_> {
             let stats = StageStats::default();
             stats.absorb(&memo.stats.replayed());
             self.outcomes[pos] = Some(StageOutcome {
-                name: planned.name.clone(),
-                kind: planned.kind,
-                records_in: memo.records_in,
-                records_out: memo.records_out,
-                stats,
                 unchanged: true,
+                ..StageOutcome::of(planned, memo.records_in, memo.records_out, stats)
             });
         }
         let mut rejects = shared.rejects.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::DiskStore;
 use crate::config::Plan;
+use crate::config::plan::PlannedStage;
 use crate::record::Record;
 use crate::stage::{Mode, Reject, RunShared, StageContext, StageError, StageStats};
 
@@ -36,6 +37,25 @@ pub struct StageOutcome {
     /// The stage did not run: its outputs from an earlier run are intact and its inputs are
     /// unchanged.
     pub unchanged: bool,
+}
+
+impl StageOutcome {
+    /// What a run of `planned` did: `records_in` → `records_out`, with `stats`.
+    fn of(
+        planned: &PlannedStage,
+        records_in: usize,
+        records_out: usize,
+        stats: StageStats,
+    ) -> Self {
+        StageOutcome {
+            name: planned.name.clone(),
+            kind: planned.kind,
+            records_in,
+            records_out,
+            stats,
+            unchanged: false,
+        }
+    }
 }
 
 pub struct RunOutcome {
@@ -212,14 +232,12 @@ impl<'a> Run<'a> {
             bars: true,
         };
         let output = planned.stage.run(cx, input).await;
-        self.outcomes[pos] = Some(StageOutcome {
-            name: planned.name.clone(),
-            kind: planned.kind,
+        self.outcomes[pos] = Some(StageOutcome::of(
+            planned,
             records_in,
-            records_out: output.as_ref().map_or(0, Vec::len),
+            output.as_ref().map_or(0, Vec::len),
             stats,
-            unchanged: false,
-        });
+        ));
         let records = output.map_err(|e| RunError::of_stage(&planned.name, e))?;
         self.outputs[pos] = Some(Arc::new(records));
         if self.shared.stop.load(Ordering::Relaxed) {

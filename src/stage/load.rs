@@ -483,6 +483,49 @@ impl Listing for Reading<'_> {
 mod tests {
     use super::*;
 
+    fn load_of(pattern: &str) -> Load {
+        Load {
+            config: LoadConfig {
+                paths: vec![pattern.to_owned()],
+                max_bytes: default_max_bytes(),
+            },
+            patterns: vec![Pattern::new(pattern).unwrap()],
+        }
+    }
+
+    /// What a stage context borrows, for listings run outside a run.
+    struct Borrowed {
+        shared: crate::stage::RunShared,
+        stats: StageStats,
+        rejects: std::sync::Mutex<Vec<crate::stage::Reject>>,
+        usage: std::sync::Mutex<BTreeMap<String, crate::stage::Usage>>,
+    }
+
+    impl Borrowed {
+        fn new(cache: &Path) -> Self {
+            Borrowed {
+                shared: crate::stage::RunShared::for_tests(cache),
+                stats: StageStats::default(),
+                rejects: Default::default(),
+                usage: Default::default(),
+            }
+        }
+
+        fn cx<'a>(&'a self, skip: Option<&'a crate::stage::SkipDocument<'a>>) -> StageContext<'a> {
+            StageContext {
+                name: "docs",
+                shared: &self.shared,
+                stats: &self.stats,
+                splits: None,
+                ancestors: &[],
+                rejects: &self.rejects,
+                usage: &self.usage,
+                skip,
+                bars: false,
+            }
+        }
+    }
+
     #[test]
     fn a_listing_reads_each_file_when_it_is_taken() {
         let dir = tempfile::tempdir().unwrap();
@@ -492,29 +535,9 @@ mod tests {
             std::fs::write(docs.join(name), format!("# {name}\nfirst\n")).unwrap();
         }
         std::fs::write(docs.join("bin.md"), b"x\0y").unwrap();
-        let load = Load {
-            config: LoadConfig {
-                paths: vec![format!("{}/*.md", docs.display())],
-                max_bytes: default_max_bytes(),
-            },
-            patterns: vec![Pattern::new(&format!("{}/*.md", docs.display())).unwrap()],
-        };
-        let shared = crate::stage::RunShared::for_tests(&dir.path().join("cache"));
-        let stats = StageStats::default();
-        let rejects = std::sync::Mutex::default();
-        let usage = std::sync::Mutex::default();
-        let cx = StageContext {
-            name: "docs",
-            shared: &shared,
-            stats: &stats,
-            splits: None,
-            ancestors: &[],
-            rejects: &rejects,
-            usage: &usage,
-            skip: None,
-            bars: false,
-        };
-        let mut listing = load.list(cx).unwrap();
+        let load = load_of(&format!("{}/*.md", docs.display()));
+        let borrowed = Borrowed::new(&dir.path().join("cache"));
+        let mut listing = load.list(borrowed.cx(None)).unwrap();
         assert_eq!(listing.found(), 4);
         let text = |listed: Option<Listed>| match listed {
             Some(Listed::Read { record, .. }) => record.str_field("text").unwrap().to_owned(),
@@ -528,8 +551,8 @@ mod tests {
         assert_eq!(text(listing.next()), "# c.md\nsecond\n");
         assert!(listing.next().is_none());
         listing.finish().unwrap();
-        assert_eq!(shared.documents.lock().unwrap().len(), 3);
-        assert_eq!(StageStats::get(&stats.skipped), 1);
+        assert_eq!(borrowed.shared.documents.lock().unwrap().len(), 3);
+        assert_eq!(StageStats::get(&borrowed.stats.skipped), 1);
     }
 
     #[test]
@@ -549,32 +572,10 @@ mod tests {
                 .set_modified(an_hour_ago)
                 .unwrap();
         }
-        let pattern = format!("{}/*.md", docs.display());
-        let load = Load {
-            config: LoadConfig {
-                paths: vec![pattern.clone()],
-                max_bytes: default_max_bytes(),
-            },
-            patterns: vec![Pattern::new(&pattern).unwrap()],
-        };
-        let shared = crate::stage::RunShared::for_tests(&dir.path().join("cache"));
-        let (stats, rejects, usage) = (
-            StageStats::default(),
-            Default::default(),
-            Default::default(),
-        );
+        let load = load_of(&format!("{}/*.md", docs.display()));
+        let borrowed = Borrowed::new(&dir.path().join("cache"));
         let keep_all = |_: &str, _: &str| true;
-        let cx = || StageContext {
-            name: "docs",
-            shared: &shared,
-            stats: &stats,
-            splits: None,
-            ancestors: &[],
-            rejects: &rejects,
-            usage: &usage,
-            skip: Some(&keep_all),
-            bars: false,
-        };
+        let cx = || borrowed.cx(Some(&keep_all));
         let indexed = || read_index(&cx(), &load.index_key()).files.len();
         // A whole run: every file is read once and indexed.
         let mut listing = load.list(cx()).unwrap();

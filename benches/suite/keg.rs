@@ -18,6 +18,9 @@ pub enum Stages {
     All,
     /// Up to `validate`: everything but the aggregate stages.
     UpToValidate,
+    /// All, and a second export of the same split in the chat format (into `${out}-chat`):
+    /// the later stages form a fork, not a chain.
+    Fork,
 }
 
 /// The bench pipeline: the shipped `docs-qa` pipeline with its templates and schemas, with
@@ -78,7 +81,7 @@ stages:
         chunk_chars = crate::corpus::CHUNK_CHARS,
         overlap = crate::corpus::CHUNK_OVERLAP,
     );
-    if stages == Stages::All {
+    if stages != Stages::UpToValidate {
         yaml.push_str(
             r#"  unique:
     kind: dedupe
@@ -95,6 +98,18 @@ stages:
     inputs: [splits]
     dir: ${out}
     format: prompt-completion
+    prompt: question
+    completion: answer
+"#,
+        );
+    }
+    if stages == Stages::Fork {
+        yaml.push_str(
+            r#"  chat:
+    kind: export
+    inputs: [splits]
+    dir: ${out}-chat
+    format: chat
     prompt: question
     completion: answer
 "#,

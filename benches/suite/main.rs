@@ -204,6 +204,8 @@ pub struct Bench {
     pub caches: PathBuf,
     pub pipeline: PathBuf,
     pub pipeline_up_to_validate: PathBuf,
+    /// The bench pipeline with a second export: see [`keg::Stages::Fork`].
+    pub pipeline_fork: PathBuf,
     corpus: Option<Corpus>,
     figures: RefCell<Vec<Figure>>,
 }
@@ -322,6 +324,8 @@ fn run() -> Result<ExitCode> {
         &pipeline_up_to_validate,
         keg::pipeline_yaml(Stages::UpToValidate),
     )?;
+    let pipeline_fork = work.join("bench-fork.yaml");
+    std::fs::write(&pipeline_fork, keg::pipeline_yaml(Stages::Fork))?;
     let sizes = if options.quick {
         Sizes::quick()
     } else {
@@ -354,6 +358,7 @@ fn run() -> Result<ExitCode> {
         caches: caches.clone(),
         pipeline,
         pipeline_up_to_validate,
+        pipeline_fork,
         corpus: None,
         figures: RefCell::new(Vec::new()),
     };

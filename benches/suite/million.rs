@@ -117,6 +117,36 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         Figure::new("5b", "  peak memory of the run cut after validate")
             .info(megabytes(upstream.max_rss)),
     );
+    // The same warm run with a second export of the split: a fork of the later stages.
+    let chat = out.with_file_name(format!(
+        "{}-chat",
+        out.file_name()
+            .map_or("out".into(), |n| n.to_string_lossy())
+    ));
+    let fork = best_of(repeats, || {
+        std::fs::remove_dir_all(&out)?;
+        if chat.exists() {
+            std::fs::remove_dir_all(&chat)?;
+        }
+        bench.keg.run(&invocation(&bench.pipeline_fork))
+    })?;
+    if exported_rows(&out)? != rows || exported_rows(&chat)? != rows {
+        progress("warning: the run with two exports exported another number of rows");
+    }
+    bench.push(
+        Figure::new(
+            "5b",
+            "  the same with a second export of the split (a fork): peak memory, wall, output",
+        )
+        .info(format!(
+            "{}, {:.2} s, {} + {} of output",
+            megabytes(fork.max_rss),
+            fork.wall.as_secs_f64(),
+            megabytes(folder_bytes(&out)?),
+            megabytes(folder_bytes(&chat)?),
+        )),
+    );
+    std::fs::remove_dir_all(&chat)?;
     bench.push(
         Figure::new(
             "6",

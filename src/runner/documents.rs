@@ -44,9 +44,12 @@ pub struct Layout {
     boundary: Vec<usize>,
     /// The later stages, in run order.
     rest: Vec<usize>,
-    /// When the later stages form one chain from the one boundary stage (each read by the
-    /// next alone), they can be fed document by document: see [`crate::stage::Streamed`].
-    chain: bool,
+    /// When the later stages form a tree from the one boundary stage (each reads one stage:
+    /// the boundary stage, or a later stage before it), they can be fed document by document
+    /// (see [`crate::stage::Streamed`]): what each later stage reads, by its position in
+    /// `rest`, `None` for the boundary stage. A chain (dedupe → split → export) is a tree,
+    /// and so is a fork (two exports of one split).
+    tree: Option<Vec<Option<usize>>>,
     /// blake3 over the settings of the source and the per-document stages, the providers'
     /// identities and the template files.
     digest: String,
@@ -89,20 +92,17 @@ impl Layout {
             .copied()
             .filter(|r| rest.iter().any(|&p| stages[p].inputs.contains(r)))
             .collect();
-        let readers = |p: usize| stages.iter().filter(|s| s.inputs.contains(&p)).count();
-        let chain = match boundary[..] {
-            [first] => {
-                let mut previous = first;
-                let linked = rest.iter().all(|&p| {
-                    let next = stages[p].inputs == [previous];
-                    previous = p;
-                    next
-                });
-                linked
-                    && rest.iter().rev().skip(1).all(|&p| readers(p) == 1)
-                    && rest.last().is_some_and(|&p| readers(p) == 0)
-            }
-            _ => false,
+        let tree = match boundary[..] {
+            [first] => rest
+                .iter()
+                .map(|&p| match stages[p].inputs[..] {
+                    [input] if input == first => Some(None),
+                    // Another per-document stage, or a join: run whole.
+                    [input] => rest.iter().position(|&q| q == input).map(Some),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
         };
         let describe = |pos: usize| {
             let s = &stages[pos];
@@ -129,7 +129,7 @@ impl Layout {
             region,
             boundary,
             rest,
-            chain,
+            tree,
             digest,
         })
     }
@@ -257,7 +257,8 @@ impl Run<'_> {
         let tail_stats: Vec<StageStats> =
             layout.rest.iter().map(|_| StageStats::default()).collect();
         let streams = layout
-            .chain
+            .tree
+            .is_some()
             .then(|| {
                 layout
                     .rest
@@ -441,7 +442,7 @@ impl Run<'_> {
             return Ok(());
         }
 
-        if let Some(streams) = streams {
+        if let (Some(streams), Some(tree)) = (streams, &layout.tree) {
             // Something changed: the later stages read every document's records, one
             // document at a time.
             let boundary = &plan.stages[layout.boundary[0]].name;
@@ -450,7 +451,7 @@ impl Run<'_> {
                 .iter()
                 .map(|&p| plan.stages[p].name.as_str())
                 .collect();
-            let counts = feed(shared, boundary, &sources, documents, streams, &names)?;
+            let counts = feed(shared, boundary, &sources, documents, streams, tree, &names)?;
             for ((&pos, fed), (records_in, records_out)) in
                 layout.rest.iter().zip(&tail_stats).zip(counts)
             {
@@ -781,17 +782,25 @@ const READ_AHEAD: usize = 32;
 const FEED_BATCH: usize = 16;
 
 /// Feed the later stages every document's records (those of stage `boundary`), document by
-/// document in order, then finish them. Records in the cache are read back and parsed on
-/// the other cores a few batches ahead of the stages, which run on this thread. Returns each
-/// stage's records in and out.
+/// document in order, then finish them. `tree` says what each stage reads ([`Layout::tree`]);
+/// a stage read by several gets each its own copy of its records. Records in the cache are
+/// read back and parsed on the other cores a few batches ahead of the stages, which run on
+/// this thread. Returns each stage's records in and out.
 fn feed(
     shared: &RunShared,
     boundary: &str,
     sources: &[Arc<str>],
     mut documents: Vec<Document>,
     mut streams: Vec<Box<dyn Streamed + '_>>,
+    tree: &[Option<usize>],
     names: &[&str],
 ) -> Result<Vec<(usize, usize)>, RunError> {
+    // How many stages read each later stage, and (in the last slot) the boundary stage.
+    let boundary_slot = streams.len();
+    let mut read_by = vec![0; boundary_slot + 1];
+    for input in tree {
+        read_by[input.unwrap_or(boundary_slot)] += 1;
+    }
     // Documents made in this run whose records were not kept hand them over from memory.
     let mut held: Vec<Option<Vec<Record>>> = documents
         .iter_mut()
@@ -852,15 +861,32 @@ fn feed(
                     source: std::io::Error::other("a thread reading the cache stopped"),
                 })??;
             for (k, records) in batch.into_iter().enumerate() {
-                let mut records = records
+                let records = records
                     .or_else(|| held[b * FEED_BATCH + k].take())
                     .unwrap_or_default();
-                for ((stream, count), name) in streams.iter_mut().zip(&mut counts).zip(names) {
-                    count.0 += records.len();
-                    records = stream
-                        .push(records)
+                // Each stage's records until its last reader takes them; the boundary
+                // stage's in the last slot.
+                let mut outputs: Vec<Vec<Record>> = vec![Vec::new(); boundary_slot];
+                outputs.push(records);
+                let mut left = read_by.clone();
+                for (i, ((stream, count), name)) in
+                    streams.iter_mut().zip(&mut counts).zip(names).enumerate()
+                {
+                    let from = tree[i].unwrap_or(boundary_slot);
+                    left[from] -= 1;
+                    let input = if left[from] == 0 {
+                        std::mem::take(&mut outputs[from])
+                    } else {
+                        outputs[from].clone()
+                    };
+                    count.0 += input.len();
+                    let output = stream
+                        .push(input)
                         .map_err(|err| RunError::of_stage(name, err))?;
-                    count.1 += records.len();
+                    count.1 += output.len();
+                    if read_by[i] > 0 {
+                        outputs[i] = output;
+                    }
                 }
             }
         }
@@ -924,4 +950,69 @@ fn read_records(shared: &RunShared, digest: &str) -> Result<DocumentRecords, Run
         .map_err(|_| missing())?
         .ok_or_else(missing)?;
     serde_json::from_slice(&bytes).map_err(|_| missing())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What each later stage is fed, as `stage < input`, for a pipeline whose stages after
+    /// `chunks` are `later`; `None` when they run whole.
+    fn tree_of(later: &str) -> Option<Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "version: 1\nname: p\nstages:\n  docs: {{kind: load, paths: [\"*.md\"]}}\n  \
+                 chunks: {{kind: chunk, inputs: [docs]}}\n{later}"
+            ),
+        )
+        .unwrap();
+        let plan = Plan::load(&path, &[]).unwrap_or_else(|err| panic!("{err:?}"));
+        let layout = Layout::of(&plan).unwrap();
+        let name = |p: usize| &plan.stages[p].name;
+        let tree = layout.tree?;
+        Some(
+            layout
+                .rest
+                .iter()
+                .zip(tree)
+                .map(|(&p, input)| {
+                    let input = input.map_or(layout.boundary[0], |k| layout.rest[k]);
+                    format!("{} < {}", name(p), name(input))
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn later_stages_reading_one_stage_each_are_fed_as_a_tree() {
+        let unique = "  unique: {kind: dedupe, inputs: [chunks], fields: [text]}\n";
+        let splits = "  splits: {kind: split, inputs: [unique], ratios: {train: 0.5, test: 0.5}}\n";
+        let out = "  out: {kind: export, inputs: [splits], dir: out}\n";
+        // A chain: each stage reads the one before.
+        assert_eq!(
+            tree_of(&format!("{unique}{splits}{out}")).unwrap(),
+            ["unique < chunks", "splits < unique", "out < splits"]
+        );
+        // A fork: two exports of one split, and one of the chunks themselves.
+        let chat = "  chat: {kind: export, inputs: [splits], dir: chat, format: chat}\n";
+        let raw = "  raw: {kind: export, inputs: [chunks], dir: raw}\n";
+        let mut fork = tree_of(&format!("{unique}{splits}{out}{chat}{raw}")).unwrap();
+        fork.sort();
+        assert_eq!(
+            fork,
+            [
+                "chat < splits",
+                "out < splits",
+                "raw < chunks",
+                "splits < unique",
+                "unique < chunks"
+            ]
+        );
+        // A join reads two stages: run whole.
+        let both = "  both: {kind: export, inputs: [splits, unique], dir: both}\n";
+        assert_eq!(tree_of(&format!("{unique}{splits}{both}")), None);
+    }
 }

@@ -440,33 +440,59 @@ stages:
     )
 }
 
-/// The no-paths pipeline run twice over the workspace's documents: as a chain (into `out`),
-/// whose later stages are fed document by document, and with a second export reading
-/// `splits` (into `out-fork` and `out-chat`), a fork that runs them whole.
-fn run_chained_and_forked(ws: &Workspace) -> (Output, Output) {
+/// The no-paths pipeline run three times over the workspace's documents, each way the later
+/// stages can run: as a chain (into `out`), fed document by document; with a second export
+/// reading `splits` (into `out-fork` and `out-chat`), a fork, also fed document by document;
+/// and with a `validate` stage between `unique` and `splits` (into `out-whole`), which takes
+/// its records all at once, so the stages after the per-document ones run whole.
+fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
     let mock = MockLlm::start(Behavior::default());
     ws.write("chain.yaml", pipeline_without_paths(ws, &mock, "out", ""));
-    let chained = ws.keg(&["run", "chain.yaml"]);
-    crate::support::assert_success(&chained);
     let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
     ws.write(
         "fork.yaml",
         pipeline_without_paths(ws, &mock, "out-fork", fork),
     );
-    let forked = ws.keg(&["run", "fork.yaml"]);
-    crate::support::assert_success(&forked);
-    (chained, forked)
+    let whole = pipeline_without_paths(ws, &mock, "out-whole", "").replace(
+        "splits: {kind: split, inputs: [unique]",
+        &format!(
+            "checked: {{kind: validate, inputs: [unique], schema: {}}}\n  \
+             splits: {{kind: split, inputs: [checked]",
+            crate::support::repo("schemas/qa-pair.schema.json").display()
+        ),
+    );
+    assert!(whole.contains("inputs: [checked]"));
+    ws.write("whole.yaml", whole);
+    ["chain.yaml", "fork.yaml", "whole.yaml"].map(|file| {
+        let output = ws.keg(&["run", file]);
+        crate::support::assert_success(&output);
+        output
+    })
+}
+
+/// The files the three runs of [`run_chained_forked_and_whole`] write are the same.
+fn assert_same_outputs(ws: &Workspace) {
+    for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
+        for dir in ["out-fork", "out-whole"] {
+            assert_eq!(
+                ws.read(&format!("out/{name}")),
+                ws.read(&format!("{dir}/{name}")),
+                "{dir}/{name}"
+            );
+        }
+    }
 }
 
 #[test]
 fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() {
-    // dedupe → split → export form one chain after the per-document stages, so they are fed
-    // one document at a time; a second export reading `splits` makes a fork, run whole on
-    // every record at once. Both must write the same bytes, and drop the same repeats: the
-    // copy of a document asks the same questions, and only the first document keeps them.
+    // dedupe → split → export form one chain after the per-document stages, and with a
+    // second export reading `splits` a fork: both are fed one document at a time. A
+    // `validate` stage among them makes them run whole, on every record at once. All three
+    // must write the same bytes, and drop the same repeats: the copy of a document asks the
+    // same questions, and only the first document keeps them.
     let ws = workspace_with_docs();
     ws.write("docs/zz-copy-of-ledger.md", sample_doc("ledger"));
-    let (chained, forked) = run_chained_and_forked(&ws);
+    let outputs = run_chained_forked_and_whole(&ws);
 
     // 5 documents × 3 sections, 3 questions each; the copy's 9 are dropped.
     let rows = |dir: &str| -> Vec<String> {
@@ -480,31 +506,31 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
             })
             .collect()
     };
-    assert_eq!(rows("out").len(), 36, "{}", stderr(&chained));
+    assert_eq!(rows("out").len(), 36, "{}", stderr(&outputs[0]));
     let unique: std::collections::BTreeSet<String> = rows("out").into_iter().collect();
     assert_eq!(unique.len(), 36);
-    for output in [&chained, &forked] {
+    for output in &outputs {
         let summary = stderr(output);
         assert!(
             summary.contains("45 → 36 records (9 duplicates dropped)"),
             "{summary}"
         );
     }
-    for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
-        assert_eq!(
-            ws.read(&format!("out/{name}")),
-            ws.read(&format!("out-fork/{name}")),
-            "{name}"
-        );
-    }
-    assert_eq!(rows("out-chat").len(), 36);
+    assert_same_outputs(&ws);
+    // The fork's second export wrote the same rows in its own format.
+    let chat = rows("out-chat");
+    assert_eq!(chat.len(), 36);
+    let first: serde_json::Value = serde_json::from_str(&rows("out")[0]).unwrap();
+    let first_chat: serde_json::Value = serde_json::from_str(&chat[0]).unwrap();
+    assert_eq!(first_chat["messages"][0]["content"], first["prompt"]);
+    assert_eq!(first_chat["messages"][1]["content"], first["completion"]);
 }
 
 #[test]
 fn later_stages_fed_over_many_batches_keep_document_order() {
     // 40 documents: the streamed later stages read them back in batches of 16, on reader
     // threads a few batches ahead (several on a machine of three cores or more), and must
-    // still see them in document order, as the fork, run whole, does. The last document
+    // still see them in document order, as the stages run whole do. The last document
     // repeats the first, so only its own questions are dropped.
     let ws = workspace_with_docs();
     for i in 0..35 {
@@ -512,16 +538,10 @@ fn later_stages_fed_over_many_batches_keep_document_order() {
         ws.write(&format!("docs/{topic}.md"), sample_doc(&topic));
     }
     ws.write("docs/zz-copy-of-extra00.md", sample_doc("extra00"));
-    let (chained, forked) = run_chained_and_forked(&ws);
-    for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
-        assert_eq!(
-            ws.read(&format!("out/{name}")),
-            ws.read(&format!("out-fork/{name}")),
-            "{name}"
-        );
-    }
+    let outputs = run_chained_forked_and_whole(&ws);
+    assert_same_outputs(&ws);
     // 40 documents × 3 sections × 3 questions; the copy's 9 are dropped.
-    for output in [&chained, &forked] {
+    for output in &outputs {
         let summary = stderr(output);
         assert!(
             summary.contains("360 → 351 records (9 duplicates dropped)"),

@@ -50,8 +50,9 @@ pub struct Layout {
     /// `rest`, `None` for the boundary stage. A chain (dedupe → split → export) is a tree,
     /// and so is a fork (two exports of one split).
     tree: Option<Vec<Option<usize>>>,
-    /// blake3 over the settings of the source and the per-document stages, the providers'
-    /// identities and the template files.
+    /// blake3 over the settings of the source and the per-document stages, the names of the
+    /// stages whose records are kept (`boundary`), the providers' identities and the
+    /// template files.
     digest: String,
 }
 
@@ -116,6 +117,9 @@ impl Layout {
         let digest = canonical_hash(&json!({
             "source": describe(source),
             "stages": region.iter().map(|&p| describe(p)).collect::<Vec<_>>(),
+            // The stages whose records a document's entry keeps: a later stage that starts
+            // reading another per-document stage needs that stage's records too.
+            "kept": boundary.iter().map(|&p| &stages[p].name).collect::<Vec<_>>(),
             "providers": plan.providers.iter()
                 .map(|(name, p)| (name.clone(), provider_answers(p)))
                 .collect::<serde_json::Map<_, _>>(),

@@ -527,6 +527,35 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
 }
 
 #[test]
+fn a_later_stage_that_starts_reading_another_per_document_stage_gets_its_records() {
+    // The first run keeps each document's `pairs`, the records the later stages read. The
+    // second adds an export of `chunks`: the documents did not change, but what was kept of
+    // them holds no chunks, so they run again, every call answered from the cache, and the
+    // new export has every chunk.
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.write("p.yaml", pipeline_without_paths(&ws, &mock, "out", ""));
+    crate::support::assert_success(&ws.keg(&["run", "p.yaml"]));
+    let calls = mock.requests();
+    assert!(calls > 0);
+    let first = ws.read("out/train.jsonl");
+    mock.reset();
+    let pieces = "  pieces: {kind: export, inputs: [chunks], dir: out-chunks, prompt: path, completion: text}\n";
+    ws.write("p.yaml", pipeline_without_paths(&ws, &mock, "out", pieces));
+    let output = ws.keg(&["run", "p.yaml"]);
+    crate::support::assert_success(&output);
+    assert_eq!(mock.requests(), 0, "{}", stderr(&output));
+    // One call per chunk.
+    assert_eq!(
+        ws.read("out-chunks/data.jsonl").lines().count(),
+        calls,
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(ws.read("out/train.jsonl"), first);
+}
+
+#[test]
 fn later_stages_fed_over_many_batches_keep_document_order() {
     // 40 documents: the streamed later stages read them back in batches of 16, on reader
     // threads a few batches ahead (several on a machine of three cores or more), and must

@@ -44,12 +44,12 @@ pub struct Layout {
     boundary: Vec<usize>,
     /// The later stages, in run order.
     rest: Vec<usize>,
-    /// When the later stages form a tree from the one boundary stage (each reads one stage:
-    /// the boundary stage, or a later stage before it), they can be fed document by document
-    /// (see [`crate::stage::Streamed`]): what each later stage reads, by its position in
-    /// `rest`, `None` for the boundary stage. A chain (dedupe → split → export) is a tree,
-    /// and so is a fork (two exports of one split).
-    tree: Option<Vec<Option<usize>>>,
+    /// When each later stage reads one stage (a boundary stage, or a later stage before it),
+    /// the later stages form trees and can be fed document by document (see
+    /// [`crate::stage::Streamed`]): what each reads, as a slot, its position in `rest` or
+    /// `rest.len()` plus a boundary stage's position in `boundary`. A chain (dedupe → split →
+    /// export) is a tree, and so is a fork (two exports of one split).
+    tree: Option<Vec<usize>>,
     /// blake3 over the settings of the source and the per-document stages, the names of the
     /// stages whose records are kept (`boundary`), the providers' identities and the
     /// template files.
@@ -93,18 +93,17 @@ impl Layout {
             .copied()
             .filter(|r| rest.iter().any(|&p| stages[p].inputs.contains(r)))
             .collect();
-        let tree = match boundary[..] {
-            [first] => rest
-                .iter()
-                .map(|&p| match stages[p].inputs[..] {
-                    [input] if input == first => Some(None),
-                    // Another per-document stage, or a join: run whole.
-                    [input] => rest.iter().position(|&q| q == input).map(Some),
-                    _ => None,
-                })
-                .collect(),
-            _ => None,
-        };
+        let tree = rest
+            .iter()
+            .map(|&p| match stages[p].inputs[..] {
+                [input] => rest.iter().position(|&q| q == input).or_else(|| {
+                    let b = boundary.iter().position(|&b| b == input)?;
+                    Some(rest.len() + b)
+                }),
+                // A join: run whole.
+                _ => None,
+            })
+            .collect();
         let describe = |pos: usize| {
             let s = &stages[pos];
             json!({
@@ -449,13 +448,12 @@ impl Run<'_> {
         if let (Some(streams), Some(tree)) = (streams, &layout.tree) {
             // Something changed: the later stages read every document's records, one
             // document at a time.
-            let boundary = &plan.stages[layout.boundary[0]].name;
-            let names: Vec<&str> = layout
-                .rest
-                .iter()
-                .map(|&p| plan.stages[p].name.as_str())
-                .collect();
-            let counts = feed(shared, boundary, &sources, documents, streams, tree, &names)?;
+            let name = |&p: &usize| plan.stages[p].name.as_str();
+            let boundary: Vec<&str> = layout.boundary.iter().map(name).collect();
+            let names: Vec<&str> = layout.rest.iter().map(name).collect();
+            let counts = feed(
+                shared, &boundary, &sources, documents, streams, tree, &names,
+            )?;
             for ((&pos, fed), (records_in, records_out)) in
                 layout.rest.iter().zip(&tail_stats).zip(counts)
             {
@@ -785,34 +783,36 @@ const READ_AHEAD: usize = 32;
 /// Documents handed to the later stages per batch: small, so little is held at once.
 const FEED_BATCH: usize = 16;
 
-/// Feed the later stages every document's records (those of stage `boundary`), document by
-/// document in order, then finish them. `tree` says what each stage reads ([`Layout::tree`]);
-/// a stage read by several gets each its own copy of its records. Records in the cache are
-/// read back and parsed on the other cores a few batches ahead of the stages, which run on
-/// this thread. Returns each stage's records in and out.
+/// Feed the later stages every document's records (those of the `boundary` stages),
+/// document by document in order, then finish them. `tree` says what each stage reads
+/// ([`Layout::tree`]); a stage read by several gives each its own copy of its records.
+/// Records in the cache are read back and parsed on the other cores a few batches ahead of
+/// the stages, which run on this thread. Returns each stage's records in and out.
 fn feed(
     shared: &RunShared,
-    boundary: &str,
+    boundary: &[&str],
     sources: &[Arc<str>],
     mut documents: Vec<Document>,
     mut streams: Vec<Box<dyn Streamed + '_>>,
-    tree: &[Option<usize>],
+    tree: &[usize],
     names: &[&str],
 ) -> Result<Vec<(usize, usize)>, RunError> {
-    // How many stages read each later stage, and (in the last slot) the boundary stage.
-    let boundary_slot = streams.len();
-    let mut read_by = vec![0; boundary_slot + 1];
-    for input in tree {
-        read_by[input.unwrap_or(boundary_slot)] += 1;
+    // How many stages read each slot: the later stages', then the boundary stages'.
+    let mut read_by = vec![0; streams.len() + boundary.len()];
+    for &from in tree {
+        read_by[from] += 1;
     }
-    // Documents made in this run whose records were not kept hand them over from memory.
-    let mut held: Vec<Option<Vec<Record>>> = documents
+    // Documents made in this run whose records were not kept hand them over from memory
+    // (`Made::records` holds the boundary stages' in order).
+    let mut held: Vec<Option<Vec<Vec<Record>>>> = documents
         .iter_mut()
         .map(|doc| match doc {
-            Document::Made(made) if !made.in_cache => std::mem::take(&mut made.records)
-                .into_iter()
-                .next()
-                .map(|(_, records)| records),
+            Document::Made(made) if !made.in_cache => Some(
+                std::mem::take(&mut made.records)
+                    .into_iter()
+                    .map(|(_, records)| records)
+                    .collect(),
+            ),
             _ => None,
         })
         .collect();
@@ -826,7 +826,7 @@ fn feed(
         .saturating_sub(1)
         .max(1);
     let batches = documents.len().div_ceil(FEED_BATCH);
-    type Batch = Result<Vec<Option<Vec<Record>>>, RunError>;
+    type Batch = Result<Vec<Option<Vec<Vec<Record>>>>, RunError>;
     std::thread::scope(|scope| {
         // Reader `w` reads batches w, w + readers, …, each into a channel of its own, so
         // this thread takes them in order and no reader runs more than two batches ahead.
@@ -844,7 +844,12 @@ fn feed(
                                     Document::Made(_) => return Ok(None),
                                 };
                                 let mut stored = read_records(shared, digest)?;
-                                Ok(Some(stored.take(boundary, &sources[i])))
+                                Ok(Some(
+                                    boundary
+                                        .iter()
+                                        .map(|name| stored.take(name, &sources[i]))
+                                        .collect(),
+                                ))
                             })
                             .collect();
                         let failed = batch.is_err();
@@ -868,15 +873,15 @@ fn feed(
                 let records = records
                     .or_else(|| held[b * FEED_BATCH + k].take())
                     .unwrap_or_default();
-                // Each stage's records until its last reader takes them; the boundary
-                // stage's in the last slot.
-                let mut outputs: Vec<Vec<Record>> = vec![Vec::new(); boundary_slot];
-                outputs.push(records);
+                // Each slot's records until its last reader takes them.
+                let mut outputs: Vec<Vec<Record>> = vec![Vec::new(); streams.len()];
+                outputs.extend(records);
+                outputs.resize_with(read_by.len(), Vec::new);
                 let mut left = read_by.clone();
                 for (i, ((stream, count), name)) in
                     streams.iter_mut().zip(&mut counts).zip(names).enumerate()
                 {
-                    let from = tree[i].unwrap_or(boundary_slot);
+                    let from = tree[i];
                     left[from] -= 1;
                     let input = if left[from] == 0 {
                         std::mem::take(&mut outputs[from])
@@ -977,21 +982,24 @@ mod tests {
         let layout = Layout::of(&plan).unwrap();
         let name = |p: usize| &plan.stages[p].name;
         let tree = layout.tree?;
+        let slots: Vec<usize> = layout
+            .rest
+            .iter()
+            .chain(&layout.boundary)
+            .copied()
+            .collect();
         Some(
             layout
                 .rest
                 .iter()
                 .zip(tree)
-                .map(|(&p, input)| {
-                    let input = input.map_or(layout.boundary[0], |k| layout.rest[k]);
-                    format!("{} < {}", name(p), name(input))
-                })
+                .map(|(&p, from)| format!("{} < {}", name(p), name(slots[from])))
                 .collect(),
         )
     }
 
     #[test]
-    fn later_stages_reading_one_stage_each_are_fed_as_a_tree() {
+    fn later_stages_reading_one_stage_each_are_fed_as_trees() {
         let unique = "  unique: {kind: dedupe, inputs: [chunks], fields: [text]}\n";
         let splits = "  splits: {kind: split, inputs: [unique], ratios: {train: 0.5, test: 0.5}}\n";
         let out = "  out: {kind: export, inputs: [splits], dir: out}\n";
@@ -1011,6 +1019,20 @@ mod tests {
                 "chat < splits",
                 "out < splits",
                 "raw < chunks",
+                "splits < unique",
+                "unique < chunks"
+            ]
+        );
+        // Two trees, from two per-document stages.
+        let small = "  small: {kind: chunk, inputs: [docs], max_chars: 400, overlap: 20}\n";
+        let pieces = "  pieces: {kind: export, inputs: [small], dir: pieces}\n";
+        let mut two = tree_of(&format!("{small}{unique}{splits}{out}{pieces}")).unwrap();
+        two.sort();
+        assert_eq!(
+            two,
+            [
+                "out < splits",
+                "pieces < small",
                 "splits < unique",
                 "unique < chunks"
             ]

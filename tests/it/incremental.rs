@@ -442,25 +442,36 @@ stages:
 
 /// The no-paths pipeline run three times over the workspace's documents, each way the later
 /// stages can run: as a chain (into `out`), fed document by document; with a second export
-/// reading `splits` (into `out-fork` and `out-chat`), a fork, also fed document by document;
-/// and with a `validate` stage between `unique` and `splits` (into `out-whole`), which takes
-/// its records all at once, so the stages after the per-document ones run whole.
+/// reading `splits` (into `out-fork` and `out-chat`) and one reading `chunks` (into
+/// `out-fork-chunks`), a fork and a second tree, also fed document by document; and with
+/// the export of `chunks` (into `out-whole-chunks`) and a `validate` stage between `unique`
+/// and `splits` (into `out-whole`), which takes its records all at once, so the stages after
+/// the per-document ones run whole.
 fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
     let mock = MockLlm::start(Behavior::default());
     ws.write("chain.yaml", pipeline_without_paths(ws, &mock, "out", ""));
-    let fork = "  chat: {kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}\n";
+    let chunks = |dir: &str| {
+        format!(
+            "  pieces: {{kind: export, inputs: [chunks], dir: {dir}, prompt: path, completion: text}}\n"
+        )
+    };
+    let fork = format!(
+        "  chat: {{kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}}\n{}",
+        chunks("out-fork-chunks")
+    );
     ws.write(
         "fork.yaml",
-        pipeline_without_paths(ws, &mock, "out-fork", fork),
+        pipeline_without_paths(ws, &mock, "out-fork", &fork),
     );
-    let whole = pipeline_without_paths(ws, &mock, "out-whole", "").replace(
-        "splits: {kind: split, inputs: [unique]",
-        &format!(
-            "checked: {{kind: validate, inputs: [unique], schema: {}}}\n  \
+    let whole = pipeline_without_paths(ws, &mock, "out-whole", &chunks("out-whole-chunks"))
+        .replace(
+            "splits: {kind: split, inputs: [unique]",
+            &format!(
+                "checked: {{kind: validate, inputs: [unique], schema: {}}}\n  \
              splits: {{kind: split, inputs: [checked]",
-            crate::support::repo("schemas/qa-pair.schema.json").display()
-        ),
-    );
+                crate::support::repo("schemas/qa-pair.schema.json").display()
+            ),
+        );
     assert!(whole.contains("inputs: [checked]"));
     ws.write("whole.yaml", whole);
     ["chain.yaml", "fork.yaml", "whole.yaml"].map(|file| {
@@ -481,6 +492,12 @@ fn assert_same_outputs(ws: &Workspace) {
             );
         }
     }
+    // 5 sections of the first document and more: the export of `chunks` has rows.
+    assert!(ws.read("out-fork-chunks/data.jsonl").lines().count() >= 5);
+    assert_eq!(
+        ws.read("out-fork-chunks/data.jsonl"),
+        ws.read("out-whole-chunks/data.jsonl")
+    );
 }
 
 #[test]

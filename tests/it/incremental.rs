@@ -481,8 +481,9 @@ fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
     })
 }
 
-/// The files the three runs of [`run_chained_forked_and_whole`] write are the same.
-fn assert_same_outputs(ws: &Workspace) {
+/// The files the three runs of [`run_chained_forked_and_whole`] write are the same, and the
+/// export of `chunks` has one row for each of the documents' `chunks`.
+fn assert_same_outputs(ws: &Workspace, chunks: usize) {
     for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
         for dir in ["out-fork", "out-whole"] {
             assert_eq!(
@@ -492,8 +493,10 @@ fn assert_same_outputs(ws: &Workspace) {
             );
         }
     }
-    // 5 sections of the first document and more: the export of `chunks` has rows.
-    assert!(ws.read("out-fork-chunks/data.jsonl").lines().count() >= 5);
+    assert_eq!(
+        ws.read("out-fork-chunks/data.jsonl").lines().count(),
+        chunks
+    );
     assert_eq!(
         ws.read("out-fork-chunks/data.jsonl"),
         ws.read("out-whole-chunks/data.jsonl")
@@ -533,7 +536,7 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
             "{summary}"
         );
     }
-    assert_same_outputs(&ws);
+    assert_same_outputs(&ws, 15);
     // The fork's second export wrote the same rows in its own format.
     let chat = rows("out-chat");
     assert_eq!(chat.len(), 36);
@@ -585,7 +588,7 @@ fn later_stages_fed_over_many_batches_keep_document_order() {
     }
     ws.write("docs/zz-copy-of-extra00.md", sample_doc("extra00"));
     let outputs = run_chained_forked_and_whole(&ws);
-    assert_same_outputs(&ws);
+    assert_same_outputs(&ws, 120);
     // 40 documents × 3 sections × 3 questions; the copy's 9 are dropped.
     for output in &outputs {
         let summary = stderr(output);

@@ -1003,39 +1003,31 @@ mod tests {
         let unique = "  unique: {kind: dedupe, inputs: [chunks], fields: [text]}\n";
         let splits = "  splits: {kind: split, inputs: [unique], ratios: {train: 0.5, test: 0.5}}\n";
         let out = "  out: {kind: export, inputs: [splits], dir: out}\n";
+        // What each later stage is fed, sorted: the run order of stages on separate
+        // branches is not the order they are written in.
+        let fed = |later: String| {
+            let mut tree = tree_of(&later).unwrap();
+            tree.sort();
+            tree.join(", ")
+        };
         // A chain: each stage reads the one before.
         assert_eq!(
-            tree_of(&format!("{unique}{splits}{out}")).unwrap(),
-            ["unique < chunks", "splits < unique", "out < splits"]
+            fed(format!("{unique}{splits}{out}")),
+            "out < splits, splits < unique, unique < chunks"
         );
         // A fork: two exports of one split, and one of the chunks themselves.
         let chat = "  chat: {kind: export, inputs: [splits], dir: chat, format: chat}\n";
         let raw = "  raw: {kind: export, inputs: [chunks], dir: raw}\n";
-        let mut fork = tree_of(&format!("{unique}{splits}{out}{chat}{raw}")).unwrap();
-        fork.sort();
         assert_eq!(
-            fork,
-            [
-                "chat < splits",
-                "out < splits",
-                "raw < chunks",
-                "splits < unique",
-                "unique < chunks"
-            ]
+            fed(format!("{unique}{splits}{out}{chat}{raw}")),
+            "chat < splits, out < splits, raw < chunks, splits < unique, unique < chunks"
         );
         // Two trees, from two per-document stages.
         let small = "  small: {kind: chunk, inputs: [docs], max_chars: 400, overlap: 20}\n";
         let pieces = "  pieces: {kind: export, inputs: [small], dir: pieces}\n";
-        let mut two = tree_of(&format!("{small}{unique}{splits}{out}{pieces}")).unwrap();
-        two.sort();
         assert_eq!(
-            two,
-            [
-                "out < splits",
-                "pieces < small",
-                "splits < unique",
-                "unique < chunks"
-            ]
+            fed(format!("{small}{unique}{splits}{out}{pieces}")),
+            "out < splits, pieces < small, splits < unique, unique < chunks"
         );
         // A join reads two stages: run whole.
         let both = "  both: {kind: export, inputs: [splits, unique], dir: both}\n";

@@ -441,12 +441,15 @@ stages:
 }
 
 /// The no-paths pipeline run three times over the workspace's documents, each way the later
-/// stages can run: as a chain (into `out`), fed document by document; with a second export
-/// reading `splits` (into `out-fork` and `out-chat`) and one reading `chunks` (into
-/// `out-fork-chunks`), a fork and a second tree, also fed document by document; and with
-/// the export of `chunks` (into `out-whole-chunks`) and a `validate` stage between `unique`
-/// and `splits` (into `out-whole`), which takes its records all at once, so the stages after
-/// the per-document ones run whole.
+/// stages can run.
+/// - As a chain (into `out`): fed document by document.
+/// - With a `validate` stage between `unique` and `splits`, a second export reading `splits`
+///   (into `out-fork` and `out-chat`) and one reading `chunks` (into `out-fork-chunks`): a
+///   fork and a second tree, also fed document by document.
+/// - With `unique` reading `pairs` twice, a join, and the export of `chunks` (into
+///   `out-whole` and `out-whole-chunks`): the stages after the per-document ones run whole,
+///   on every record at once. `unique` drops the second copy of every record, so what it
+///   keeps is what the others keep.
 fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
     let mock = MockLlm::start(Behavior::default());
     ws.write("chain.yaml", pipeline_without_paths(ws, &mock, "out", ""));
@@ -459,26 +462,42 @@ fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
         "  chat: {{kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}}\n{}",
         chunks("out-fork-chunks")
     );
-    ws.write(
-        "fork.yaml",
-        pipeline_without_paths(ws, &mock, "out-fork", &fork),
-    );
-    let whole = pipeline_without_paths(ws, &mock, "out-whole", &chunks("out-whole-chunks"))
-        .replace(
-            "splits: {kind: split, inputs: [unique]",
-            &format!(
-                "checked: {{kind: validate, inputs: [unique], schema: {}}}\n  \
+    let fork = pipeline_without_paths(ws, &mock, "out-fork", &fork).replace(
+        "splits: {kind: split, inputs: [unique]",
+        &format!(
+            "checked: {{kind: validate, inputs: [unique], schema: {}}}\n  \
              splits: {{kind: split, inputs: [checked]",
-                crate::support::repo("schemas/qa-pair.schema.json").display()
-            ),
-        );
-    assert!(whole.contains("inputs: [checked]"));
+            crate::support::repo("schemas/qa-pair.schema.json").display()
+        ),
+    );
+    assert!(fork.contains("inputs: [checked]"));
+    ws.write("fork.yaml", fork);
+    let whole = pipeline_without_paths(ws, &mock, "out-whole", &chunks("out-whole-chunks"))
+        .replace("inputs: [pairs]", "inputs: [pairs, pairs]");
+    assert!(whole.contains("inputs: [pairs, pairs]"));
     ws.write("whole.yaml", whole);
     ["chain.yaml", "fork.yaml", "whole.yaml"].map(|file| {
         let output = ws.keg(&["run", file]);
         crate::support::assert_success(&output);
         output
     })
+}
+
+/// The summaries of the three runs of [`run_chained_forked_and_whole`] say that `unique`
+/// dropped what `dropped` says; the join's, that it dropped the second copies too.
+fn assert_dropped(outputs: &[Output; 3], dropped: &str) {
+    let (counts, _) = dropped.split_once(" records").unwrap();
+    let (before, after) = counts.split_once(" → ").unwrap();
+    let (before, after): (usize, usize) = (before.parse().unwrap(), after.parse().unwrap());
+    let joined = format!(
+        "{} → {after} records ({} duplicates dropped)",
+        2 * before,
+        2 * before - after
+    );
+    for (output, line) in outputs.iter().zip([dropped, dropped, &joined]) {
+        let summary = stderr(output);
+        assert!(summary.contains(line), "{line}\n{summary}");
+    }
 }
 
 /// The files the three runs of [`run_chained_forked_and_whole`] write are the same, and the
@@ -506,10 +525,10 @@ fn assert_same_outputs(ws: &Workspace, chunks: usize) {
 #[test]
 fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() {
     // dedupe → split → export form one chain after the per-document stages, and with a
-    // second export reading `splits` a fork: both are fed one document at a time. A
-    // `validate` stage among them makes them run whole, on every record at once. All three
-    // must write the same bytes, and drop the same repeats: the copy of a document asks the
-    // same questions, and only the first document keeps them.
+    // `validate` and a second export reading `splits` a fork: both are fed one document at a
+    // time. A join makes them run whole, on every record at once. All three must write the
+    // same bytes, and drop the same repeats: the copy of a document asks the same
+    // questions, and only the first document keeps them.
     let ws = workspace_with_docs();
     ws.write("docs/zz-copy-of-ledger.md", sample_doc("ledger"));
     let outputs = run_chained_forked_and_whole(&ws);
@@ -529,13 +548,7 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
     assert_eq!(rows("out").len(), 36, "{}", stderr(&outputs[0]));
     let unique: std::collections::BTreeSet<String> = rows("out").into_iter().collect();
     assert_eq!(unique.len(), 36);
-    for output in &outputs {
-        let summary = stderr(output);
-        assert!(
-            summary.contains("45 → 36 records (9 duplicates dropped)"),
-            "{summary}"
-        );
-    }
+    assert_dropped(&outputs, "45 → 36 records (9 duplicates dropped)");
     assert_same_outputs(&ws, 15);
     // The fork's second export wrote the same rows in its own format.
     let chat = rows("out-chat");
@@ -590,11 +603,5 @@ fn later_stages_fed_over_many_batches_keep_document_order() {
     let outputs = run_chained_forked_and_whole(&ws);
     assert_same_outputs(&ws, 120);
     // 40 documents × 3 sections × 3 questions; the copy's 9 are dropped.
-    for output in &outputs {
-        let summary = stderr(output);
-        assert!(
-            summary.contains("360 → 351 records (9 duplicates dropped)"),
-            "{summary}"
-        );
-    }
+    assert_dropped(&outputs, "360 → 351 records (9 duplicates dropped)");
 }

@@ -2,12 +2,13 @@
 //!
 //! A document's results (the records later stages read, its rejects, the usage of the
 //! replies behind them, and each stage's counts) are kept under a key of the document's path
-//! and bytes, the settings of `load` and of every per-document stage, the providers'
-//! identities, every template file and keg's version. A re-run reads one entry per unchanged
-//! document instead of chunking, rendering, hashing and reading every call again. The stages
-//! after them (dedupe, split, export …) need all records at once; their files are kept under
-//! a key of the pipeline hash and every document's results, and left alone when that key
-//! matches and the files are still as written.
+//! and bytes, the settings of `load` and of every per-document stage, which of those stages
+//! the later ones read, the providers' identities, every template file and keg's version. A
+//! re-run reads one entry per unchanged document instead of chunking, rendering, hashing and
+//! reading every call again. The stages after them (dedupe, split, export …) see every
+//! record, fed document by document when they can be ([`Layout::tree`]); their files are
+//! kept under a key of the pipeline hash and every document's results, and left alone when
+//! that key matches and the files are still as written.
 //!
 //! Documents run concurrently, each through all its stages, so a slow call holds back only
 //! its own document; the providers' limits bound what is in flight. Results go back in

@@ -417,24 +417,10 @@ mod tests {
 
             // Fed in pieces (as document by document), it keeps the same records.
             let stats = StageStats::default();
-            let cx = StageContext {
-                name: "unique",
-                shared: &shared,
-                stats: &stats,
-                splits: None,
-                ancestors: &[],
-                rejects: &shared.rejects,
-                usage: &shared.usage,
-                skip: None,
-                bars: false,
-            };
-            let mut streamed = dedupe.stream(cx).expect("dedupe streams");
-            let mut kept = Vec::new();
-            for piece in [&input[..3], &input[3..4], &input[4..]] {
-                let out = streamed.push(piece.to_vec()).unwrap();
-                kept.extend(out.iter().map(|r| r.lineage.display()));
-            }
-            streamed.finish().unwrap();
+            let cx = StageContext::for_tests("unique", &shared, &stats);
+            let streamed = dedupe.stream(cx).expect("dedupe streams");
+            let kept =
+                crate::stage::fed_in_pieces(streamed, &[&input[..3], &input[3..4], &input[4..]]);
             assert_eq!(kept, expected, "{config:?}, fed in pieces");
             assert_eq!(
                 StageStats::get(&stats.skipped) as usize,

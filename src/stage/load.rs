@@ -513,15 +513,10 @@ mod tests {
 
         fn cx<'a>(&'a self, skip: Option<&'a crate::stage::SkipDocument<'a>>) -> StageContext<'a> {
             StageContext {
-                name: "docs",
-                shared: &self.shared,
-                stats: &self.stats,
-                splits: None,
-                ancestors: &[],
                 rejects: &self.rejects,
                 usage: &self.usage,
                 skip,
-                bars: false,
+                ..StageContext::for_tests("docs", &self.shared, &self.stats)
             }
         }
     }

@@ -588,6 +588,38 @@ pub struct StageContext<'a> {
 
 pub type SkipDocument<'a> = dyn Fn(&str, &str) -> bool + Sync + 'a;
 
+/// What a stage's stream passes on when fed `pieces` one after another and finished, as
+/// lineages, for unit tests of stages that stream.
+#[cfg(test)]
+pub fn fed_in_pieces(mut stream: Box<dyn Streamed + '_>, pieces: &[&[Record]]) -> Vec<String> {
+    let mut kept = Vec::new();
+    for piece in pieces {
+        let out = stream.push(piece.to_vec()).unwrap();
+        kept.extend(out.iter().map(|r| r.lineage.display()));
+    }
+    stream.finish().unwrap();
+    kept
+}
+
+#[cfg(test)]
+impl<'a> StageContext<'a> {
+    /// A stage's context for its unit tests: rejects and usage go to `shared`'s lists, nothing
+    /// is split upstream, no document is skipped, no progress bar is drawn.
+    pub fn for_tests(name: &'a str, shared: &'a RunShared, stats: &'a StageStats) -> Self {
+        StageContext {
+            name,
+            shared,
+            stats,
+            splits: None,
+            ancestors: &[],
+            rejects: &shared.rejects,
+            usage: &shared.usage,
+            skip: None,
+            bars: false,
+        }
+    }
+}
+
 impl StageContext<'_> {
     pub fn reject(
         &self,

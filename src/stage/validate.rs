@@ -152,17 +152,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shared = crate::stage::RunShared::for_tests(dir.path());
         let stats = StageStats::default();
-        let cx = StageContext {
-            name: "checked",
-            shared: &shared,
-            stats: &stats,
-            splits: None,
-            ancestors: &[],
-            rejects: &shared.rejects,
-            usage: &shared.usage,
-            skip: None,
-            bars: false,
-        };
+        let cx = StageContext::for_tests("checked", &shared, &stats);
         let rejects = || {
             let rejects = shared.rejects.lock().unwrap();
             rejects
@@ -180,13 +170,8 @@ mod tests {
         assert_eq!(rejected, ["a.md#0.1", "a.md#0.4"]);
 
         shared.rejects.lock().unwrap().clear();
-        let mut streamed = validate.stream(cx).expect("validate streams");
-        let mut kept = Vec::new();
-        for piece in [&input[..2], &input[2..5], &input[5..]] {
-            let out = streamed.push(piece.to_vec()).unwrap();
-            kept.extend(out.iter().map(|r| r.lineage.display()));
-        }
-        streamed.finish().unwrap();
+        let streamed = validate.stream(cx).expect("validate streams");
+        let kept = crate::stage::fed_in_pieces(streamed, &[&input[..2], &input[2..5], &input[5..]]);
         assert_eq!(kept, whole);
         assert_eq!(rejects(), rejected);
         assert_eq!(StageStats::get(&stats.items), 12);

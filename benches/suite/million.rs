@@ -117,12 +117,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         Figure::new("5b", "  peak memory of the run cut after validate")
             .info(megabytes(upstream.max_rss)),
     );
-    // The same warm run with a second export of the split: a fork of the later stages.
-    let chat = out.with_file_name(format!(
-        "{}-chat",
-        out.file_name()
-            .map_or("out".into(), |n| n.to_string_lossy())
-    ));
+    // The same warm run with a second export of the split: a fork of the later stages. Its
+    // folder is the pipeline's `${out}-chat`.
+    let chat = std::path::PathBuf::from(format!("{}-chat", out.display()));
     let fork = best_of(repeats, || {
         std::fs::remove_dir_all(&out)?;
         if chat.exists() {

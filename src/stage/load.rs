@@ -497,8 +497,6 @@ mod tests {
     struct Borrowed {
         shared: crate::stage::RunShared,
         stats: StageStats,
-        rejects: std::sync::Mutex<Vec<crate::stage::Reject>>,
-        usage: std::sync::Mutex<BTreeMap<String, crate::stage::Usage>>,
     }
 
     impl Borrowed {
@@ -506,15 +504,11 @@ mod tests {
             Borrowed {
                 shared: crate::stage::RunShared::for_tests(cache),
                 stats: StageStats::default(),
-                rejects: Default::default(),
-                usage: Default::default(),
             }
         }
 
         fn cx<'a>(&'a self, skip: Option<&'a crate::stage::SkipDocument<'a>>) -> StageContext<'a> {
             StageContext {
-                rejects: &self.rejects,
-                usage: &self.usage,
                 skip,
                 ..StageContext::for_tests("docs", &self.shared, &self.stats)
             }

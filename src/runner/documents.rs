@@ -863,6 +863,11 @@ fn feed(
             })
             .collect();
         let mut counts = vec![(0, 0); streams.len()];
+        // Each slot's records until its last reader takes them, so every slot is empty
+        // again after each document; the boundary stages' slots come after the later ones'.
+        let mut outputs: Vec<Vec<Record>> = vec![Vec::new(); read_by.len()];
+        let mut left = read_by.clone();
+        let boundary_slots = streams.len();
         for b in 0..batches {
             let batch = receivers[b % readers]
                 .recv()
@@ -874,11 +879,10 @@ fn feed(
                 let records = records
                     .or_else(|| held[b * FEED_BATCH + k].take())
                     .unwrap_or_default();
-                // Each slot's records until its last reader takes them.
-                let mut outputs: Vec<Vec<Record>> = vec![Vec::new(); streams.len()];
-                outputs.extend(records);
-                outputs.resize_with(read_by.len(), Vec::new);
-                let mut left = read_by.clone();
+                for (slot, records) in outputs[boundary_slots..].iter_mut().zip(records) {
+                    *slot = records;
+                }
+                left.copy_from_slice(&read_by);
                 for (i, ((stream, count), name)) in
                     streams.iter_mut().zip(&mut counts).zip(names).enumerate()
                 {

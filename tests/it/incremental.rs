@@ -555,6 +555,7 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
     assert_eq!(chat.len(), 36);
     let first: serde_json::Value = serde_json::from_str(&rows("out")[0]).unwrap();
     let first_chat: serde_json::Value = serde_json::from_str(&chat[0]).unwrap();
+    assert!(first["prompt"].is_string() && first["completion"].is_string());
     assert_eq!(first_chat["messages"][0]["content"], first["prompt"]);
     assert_eq!(first_chat["messages"][1]["content"], first["completion"]);
 }

@@ -32,15 +32,15 @@ pub fn endpoint(base_url: &str) -> String {
     format!("{base}/v1/messages")
 }
 
-fn authorize(headers: &mut hyper::header::HeaderMap, key: Option<&str>) {
+fn authorize(headers: &mut ::http::header::HeaderMap, key: Option<&str>) {
     headers.insert(
         "anthropic-version",
-        hyper::header::HeaderValue::from_static(API_VERSION),
+        ::http::header::HeaderValue::from_static(API_VERSION),
     );
     if let Some(key) = key {
         super::insert_secret(
             headers,
-            hyper::header::HeaderName::from_static("x-api-key"),
+            ::http::header::HeaderName::from_static("x-api-key"),
             key,
         );
     }

@@ -2,19 +2,24 @@
 //!
 //! Plain-`http://` endpoints are local or in-house inference servers (vLLM, llama.cpp,
 //! Ollama, LM Studio): they answer fast, and the client's own CPU per call is what limits a
-//! run. Those go through [`Pool`], HTTP/1.1 connections kept open on hyper, one per request
-//! in flight. `https://` endpoints (OpenAI, OpenRouter, Anthropic) and any endpoint while a
-//! proxy variable is set go through reqwest, for its TLS, HTTP/2 and proxy handling; a
+//! run. Those go through [`Pool`], HTTP/1.1 connections kept open, one per request in
+//! flight, each exchange written and read in the caller's task with `httparse` reading the
+//! answer's head. `https://` endpoints (OpenAI, OpenRouter, Anthropic) and any endpoint while
+//! a proxy variable is set go through reqwest, for its TLS, HTTP/2 and proxy handling; a
 //! remote API's latency dwarfs what the client costs there.
 
+use std::io::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_TYPE, HOST, HeaderMap, HeaderValue, USER_AGENT};
-use hyper::{Request, Uri};
+use ::http::Uri;
+use ::http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
+    TRANSFER_ENCODING, USER_AGENT,
+};
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// How long opening a connection may take before the attempt fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,18 +149,43 @@ fn reqwest_failure(err: reqwest::Error) -> Failure {
 }
 
 /// HTTP/1.1 connections to one `http://` endpoint, kept open between requests.
+///
+/// Each exchange is driven in the caller's own task: the request is written whole in one
+/// system call and the answer read into the connection's own buffer, parsed by `httparse`.
+/// There is no connection task, no channel between the caller and the connection, and no
+/// buffer made per answer: at a local server's pace, that is most of what a call costs
+/// besides the kernel's share (see BENCHMARKS.md, change 40).
 pub struct Pool {
     /// `host:port` to connect to.
     address: String,
-    /// The request target: the endpoint's path and query.
-    target: Uri,
-    /// Sent with every request, `host` included.
-    headers: HeaderMap,
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// The request up to the value of its `content-length`: the request line and every
+    /// header, `host` included.
+    head: Vec<u8>,
+    idle: Mutex<Vec<Connection>>,
     /// Idle connections kept at most.
     keep: usize,
     timeout: Duration,
 }
+
+/// One open connection and its buffer, kept between exchanges.
+struct Connection {
+    stream: TcpStream,
+    /// What was read of the answer.
+    read: Vec<u8>,
+}
+
+/// Headers an answer may have at most.
+const MAX_HEADERS: usize = 100;
+
+/// Read at least this much room at a time.
+const READ_ROOM: usize = 8 * 1024;
+
+/// A connection's read buffer grown past this by a long answer is not kept for the next: a
+/// few long answers would otherwise hold that much for every connection.
+const KEPT_BUFFER: usize = 64 * 1024;
+
+/// An answer's head (status line and headers) may be this long at most.
+const MAX_HEAD: usize = 256 * 1024;
 
 impl Pool {
     /// `None` unless `endpoint` is a plain `http://` URL.
@@ -176,13 +206,25 @@ impl Pool {
             authority.host(),
             authority.port_u16().unwrap_or(80)
         );
-        let target = uri.path_and_query()?.as_str().parse().ok()?;
-        let mut headers = headers.clone();
-        headers.insert(HOST, host);
+        let target = uri.path_and_query()?.as_str();
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(b"POST ");
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(host.as_bytes());
+        for (name, value) in headers {
+            if name == HOST || name == CONTENT_LENGTH {
+                continue;
+            }
+            head.extend_from_slice(b"\r\n");
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+        }
+        head.extend_from_slice(b"\r\ncontent-length: ");
         Some(Pool {
             address,
-            target,
-            headers,
+            head,
             idle: Mutex::new(Vec::with_capacity(concurrency)),
             keep: concurrency,
             timeout,
@@ -196,96 +238,251 @@ impl Pool {
     }
 
     async fn exchange(&self, body: Bytes) -> Result<Answer, Failure> {
-        let mut request = Request::post(self.target.clone())
-            .body(Full::new(body))
-            .map_err(|e| Failure::Broken(e.to_string()))?;
-        *request.headers_mut() = self.headers.clone();
-        loop {
-            let (mut connection, reused) = match self.take() {
-                Some(connection) => (connection, true),
-                None => (self.connect().await?, false),
-            };
-            // A kept connection the server closed before the request went out (servers close
-            // idle connections whenever they like): the request goes on another connection.
-            // Once any of it is written, a failure is the server's and keg's retries decide.
-            if let Err(err) = connection.ready().await {
-                if reused {
-                    continue;
-                }
-                return Err(Failure::Broken(super::root_cause(&err)));
+        let mut connection = match self.take() {
+            Some(connection) => connection,
+            None => self.connect().await?,
+        };
+        let mut length = [0; 24];
+        let room = length.len();
+        let written = {
+            let mut at = &mut length[..];
+            let _ = write!(at, "{}\r\n\r\n", body.len());
+            room - at.len()
+        };
+        // One system call (`writev`) for the head, its length and the body, not copied.
+        let mut request = Buf::chain(Buf::chain(&self.head[..], &length[..written]), &body[..]);
+        connection
+            .stream
+            .write_all_buf(&mut request)
+            .await
+            .map_err(|e| Failure::Broken(super::root_cause(&e)))?;
+        let (answer, reusable) = connection.answer().await?;
+        if reusable {
+            if connection.read.capacity() > KEPT_BUFFER {
+                connection.read = Vec::new();
             }
-            let response = match connection.try_send_request(request).await {
-                Ok(response) => response,
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) if reused => {
-                        request = unsent;
-                        continue;
-                    }
-                    _ => return Err(Failure::Broken(super::root_cause(&err.into_error()))),
-                },
-            };
-            let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| Failure::Broken(super::root_cause(&e)))?
-                .to_bytes();
             self.give_back(connection);
-            return Ok(Answer {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                body,
-            });
         }
+        Ok(answer)
     }
 
-    /// An idle connection still open, if there is one.
-    fn take(&self) -> Option<SendRequest<Full<Bytes>>> {
+    /// An idle connection still open, if there is one. A server closes idle connections
+    /// whenever it likes; one whose close (or anything else) has arrived is not reused. This
+    /// costs no system call unless the connection became readable while idle.
+    fn take(&self) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(connection) = idle.pop() {
-            if !connection.is_closed() {
+            let mut probe = [0; 1];
+            if let Err(err) = connection.stream.try_read(&mut probe)
+                && err.kind() == std::io::ErrorKind::WouldBlock
+            {
                 return Some(connection);
             }
         }
         None
     }
 
-    fn give_back(&self, connection: SendRequest<Full<Bytes>>) {
-        if connection.is_closed() {
-            return;
-        }
+    fn give_back(&self, connection: Connection) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.keep {
             idle.push(connection);
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Failure> {
-        let stream = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(&self.address),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => return Err(Failure::Connect(super::root_cause(&err))),
-            Err(_) => {
-                return Err(Failure::Connect(format!(
-                    "no connection within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                )));
-            }
-        };
+    async fn connect(&self) -> Result<Connection, Failure> {
+        let stream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.address)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => return Err(Failure::Connect(super::root_cause(&err))),
+                Err(_) => {
+                    return Err(Failure::Connect(format!(
+                        "no connection within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    )));
+                }
+            };
         // Requests are written whole; waiting to coalesce them only adds latency.
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| Failure::Connect(super::root_cause(&e)))?;
-        // The connection is driven on the runtime until the server closes it or its last
-        // handle (the sender) is dropped.
-        tokio::spawn(connection);
-        Ok(sender)
+        Ok(Connection {
+            stream,
+            read: Vec::new(),
+        })
     }
+}
+
+/// How an answer's body ends.
+enum Framing {
+    Length(usize),
+    Chunked,
+    /// At the end of the connection.
+    Close,
+}
+
+impl Connection {
+    /// Read one answer whole; also whether the connection may carry another request.
+    async fn answer(&mut self) -> Result<(Answer, bool), Failure> {
+        self.read.clear();
+        let (status, headers, framing, mut reusable, body_from) = loop {
+            if self.fill().await? == 0 {
+                return Err(Failure::Broken(
+                    "the server closed the connection before answering".into(),
+                ));
+            }
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut slots);
+            let end = match response.parse(&self.read) {
+                Ok(httparse::Status::Complete(end)) => end,
+                Ok(httparse::Status::Partial) if self.read.len() < MAX_HEAD => continue,
+                Ok(httparse::Status::Partial) => {
+                    return Err(Failure::Broken(format!(
+                        "the answer's headers are longer than {} KB",
+                        MAX_HEAD / 1024
+                    )));
+                }
+                Err(err) => return Err(malformed(err)),
+            };
+            let status = response.code.unwrap_or(0);
+            // An interim answer (`100 Continue` and the like) is followed by the real one.
+            if (100..200).contains(&status) && status != 101 {
+                self.read.drain(..end);
+                continue;
+            }
+            let mut headers = HeaderMap::with_capacity(response.headers.len());
+            let (mut length, mut chunked, mut close) = (None, false, response.version == Some(0));
+            for header in response.headers.iter() {
+                let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(malformed)?;
+                let value = HeaderValue::from_bytes(header.value).map_err(malformed)?;
+                if name == CONTENT_LENGTH {
+                    let this = std::str::from_utf8(header.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<usize>().ok());
+                    length = match (this, length) {
+                        (Some(this), None) => Some(this),
+                        (Some(this), Some(before)) if this == before => Some(this),
+                        _ => return Err(malformed("an unreadable content-length")),
+                    };
+                } else if name == TRANSFER_ENCODING {
+                    chunked = has_token(header.value, b"chunked");
+                } else if name == CONNECTION {
+                    if has_token(header.value, b"close") {
+                        close = true;
+                    } else if has_token(header.value, b"keep-alive") {
+                        close = false;
+                    }
+                }
+                headers.append(name, value);
+            }
+            let framing = if status == 204 || status == 304 {
+                Framing::Length(0)
+            } else if chunked {
+                Framing::Chunked
+            } else if let Some(length) = length {
+                Framing::Length(length)
+            } else {
+                Framing::Close
+            };
+            break (status, headers, framing, !close, end);
+        };
+        let body = match framing {
+            Framing::Length(length) => {
+                while self.read.len() - body_from < length {
+                    if self.fill().await? == 0 {
+                        return Err(cut_short());
+                    }
+                }
+                // Bytes after the body were never asked for: the connection is not reused.
+                reusable &= self.read.len() - body_from == length;
+                Bytes::copy_from_slice(&self.read[body_from..body_from + length])
+            }
+            Framing::Chunked => {
+                let (body, end) = self.chunked(body_from).await?;
+                reusable &= self.read.len() == end;
+                body
+            }
+            Framing::Close => {
+                while self.fill().await? != 0 {}
+                reusable = false;
+                Bytes::copy_from_slice(&self.read[body_from..])
+            }
+        };
+        Ok((
+            Answer {
+                status,
+                headers,
+                body,
+            },
+            reusable,
+        ))
+    }
+
+    /// A chunked body starting at `at` in what is read: the body, and where it ends.
+    async fn chunked(&mut self, mut at: usize) -> Result<(Bytes, usize), Failure> {
+        let mut body = Vec::new();
+        loop {
+            let (size_end, size) = loop {
+                match httparse::parse_chunk_size(&self.read[at..]) {
+                    Ok(httparse::Status::Complete((end, size))) => break (end, size),
+                    Ok(httparse::Status::Partial) => {
+                        if self.fill().await? == 0 {
+                            return Err(cut_short());
+                        }
+                    }
+                    Err(_) => return Err(malformed("a bad chunk size")),
+                }
+            };
+            at += size_end;
+            let size = usize::try_from(size).map_err(|_| malformed("a bad chunk size"))?;
+            if size == 0 {
+                // Trailers, if any, then the empty line.
+                loop {
+                    if let Some(line) = memchr::memmem::find(&self.read[at..], b"\r\n") {
+                        at += line + 2;
+                        if line == 0 {
+                            return Ok((Bytes::from(body), at));
+                        }
+                    } else if self.fill().await? == 0 {
+                        return Err(cut_short());
+                    }
+                }
+            }
+            while self.read.len() < at + size + 2 {
+                if self.fill().await? == 0 {
+                    return Err(cut_short());
+                }
+            }
+            if &self.read[at + size..at + size + 2] != b"\r\n" {
+                return Err(malformed("a chunk longer than its size"));
+            }
+            body.extend_from_slice(&self.read[at..at + size]);
+            at += size + 2;
+        }
+    }
+
+    /// Read what has arrived onto `read`; 0 at the end of the connection.
+    async fn fill(&mut self) -> Result<usize, Failure> {
+        if self.read.capacity() - self.read.len() < READ_ROOM / 2 {
+            self.read.reserve(READ_ROOM);
+        }
+        self.stream
+            .read_buf(&mut self.read)
+            .await
+            .map_err(|e| Failure::Broken(super::root_cause(&e)))
+    }
+}
+
+fn malformed(what: impl std::fmt::Display) -> Failure {
+    Failure::Broken(format!("the server's answer is not valid HTTP/1.1: {what}"))
+}
+
+fn cut_short() -> Failure {
+    Failure::Broken("the server closed the connection before the answer was whole".into())
+}
+
+/// Whether a comma-separated header value holds `token`, in any case.
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|part| part.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
@@ -297,14 +494,33 @@ mod tests {
     /// the connection unannounced, when `hang_up`); returns its address and what it
     /// received, one entry per request.
     fn server(answer: &'static [u8], hang_up: bool) -> (String, std::sync::mpsc::Receiver<String>) {
+        let (address, received, _) = serve(answer, hang_up, usize::MAX);
+        (address, received)
+    }
+
+    /// [`server`], writing each answer in pieces of `piece` bytes a millisecond apart; also
+    /// counts the connections it accepted.
+    fn serve(
+        answer: &'static [u8],
+        hang_up: bool,
+        piece: usize,
+    ) -> (
+        String,
+        std::sync::mpsc::Receiver<String>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (seen, received) = std::sync::mpsc::channel();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let (Ok(mut stream), seen) = (stream, seen.clone()) else {
                     return;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = stream.set_nodelay(true);
                 std::thread::spawn(move || {
                     let mut buffer = Vec::new();
                     let mut chunk = [0; 4096];
@@ -324,14 +540,22 @@ mod tests {
                         }
                         let _ = seen.send(text[..end + 4 + length].to_owned());
                         buffer.drain(..end + 4 + length);
-                        if stream.write_all(answer).is_err() || hang_up {
+                        for part in answer.chunks(piece) {
+                            if stream.write_all(part).is_err() {
+                                return;
+                            }
+                            if piece < answer.len() {
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                        }
+                        if hang_up {
                             return;
                         }
                     }
                 });
             }
         });
-        (address, received)
+        (address, received, connections)
     }
 
     /// The pool and reqwest, whatever proxy variables the tests run with.
@@ -426,5 +650,115 @@ mod tests {
             ));
         }
         drop(silent);
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_whole_however_they_end_and_arrive() {
+        // (answer, whether the server closes after it, connections for three requests)
+        let cases: [(&'static [u8], bool, usize); 6] = [
+            // A length, the answer arriving a few bytes at a time.
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+                false,
+                1,
+            ),
+            // Chunks, with an extension and a trailer.
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4;x=y\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nx-trailer: t\r\n\r\n",
+                false,
+                1,
+            ),
+            // An interim answer first.
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+                false,
+                1,
+            ),
+            // No length: the body ends with the connection.
+            (b"HTTP/1.0 200 OK\r\n\r\n{\"a\":1}", true, 3),
+            // A length, and the server says it closes.
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+                true,
+                3,
+            ),
+            // No content.
+            (b"HTTP/1.1 204 No Content\r\nx-n: 1\r\n\r\n", false, 1),
+        ];
+        for (case, closes, expected) in cases {
+            let status = if case.starts_with(b"HTTP/1.1 204") {
+                204
+            } else {
+                200
+            };
+            let body: &[u8] = if status == 204 { b"" } else { b"{\"a\":1}" };
+            for (which, transport) in ["pool", "reqwest"].into_iter().zip(both_to(case, closes)) {
+                let (transport, connections) = transport;
+                for _ in 0..3 {
+                    let answer = match transport.post(Bytes::from_static(b"{}")).await {
+                        Ok(answer) => answer,
+                        Err(failure) => panic!("{which}, {failure:?}"),
+                    };
+                    assert_eq!(
+                        (answer.status, &answer.body[..]),
+                        (status, body),
+                        "{which}: {}",
+                        String::from_utf8_lossy(case)
+                    );
+                    // Time for a closing server's hang-up to arrive.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                assert_eq!(
+                    connections.load(std::sync::atomic::Ordering::SeqCst),
+                    expected,
+                    "{which}: {}",
+                    String::from_utf8_lossy(case)
+                );
+            }
+        }
+    }
+
+    /// Each transport against its own server giving `answer` in pieces of 5 bytes.
+    fn both_to(
+        answer: &'static [u8],
+        closes: bool,
+    ) -> Vec<(Transport, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+        (0..2)
+            .map(|i| {
+                let (address, _, connections) = serve(answer, closes, 5);
+                let endpoint = format!("http://{address}/v1/chat/completions");
+                let [pool, client] = both(&endpoint, Duration::from_secs(5));
+                (if i == 0 { pool } else { client }, connections)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_broken_answer_says_what_was_wrong() {
+        let cases: [(&'static [u8], &str); 4] = [
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"a\"",
+                "the server closed the connection before the answer was whole",
+            ),
+            (b"", "the server closed the connection before answering"),
+            (
+                b"SMTP ready\r\n\r\n",
+                "the server's answer is not valid HTTP/1.1: invalid HTTP version",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+                "the server's answer is not valid HTTP/1.1: an unreadable content-length",
+            ),
+        ];
+        for (answer, expected) in cases {
+            let (address, _, _) = serve(answer, true, usize::MAX);
+            let endpoint = format!("http://{address}/v1");
+            let [pool, _] = both(&endpoint, Duration::from_secs(5));
+            match pool.post(Bytes::from_static(b"{}")).await {
+                Err(Failure::Broken(cause)) => assert_eq!(cause, expected),
+                Err(failure) => panic!("{failure:?}"),
+                Ok(answer) => panic!("answered {}", answer.status),
+            }
+        }
     }
 }

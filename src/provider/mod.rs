@@ -11,7 +11,7 @@ pub mod retry;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::HeaderMap;
+use ::http::header::HeaderMap;
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -569,7 +569,7 @@ impl Provider {
         } else if (300..400).contains(&status) {
             let to = answer
                 .headers
-                .get(hyper::header::LOCATION)
+                .get(::http::header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("elsewhere");
             let message = format!(
@@ -636,7 +636,7 @@ fn header_map(
     provider: &str,
     headers: &IndexMap<String, String>,
 ) -> Result<HeaderMap, Vec<String>> {
-    use hyper::header::{HeaderName, HeaderValue};
+    use ::http::header::{HeaderName, HeaderValue};
     let mut map = HeaderMap::new();
     let mut problems = Vec::new();
     for (name, value) in headers {
@@ -777,7 +777,7 @@ pub fn bearer(headers: &mut HeaderMap, key: Option<&str>) {
     if let Some(key) = key {
         insert_secret(
             headers,
-            hyper::header::AUTHORIZATION,
+            ::http::header::AUTHORIZATION,
             &format!("Bearer {key}"),
         );
     }
@@ -786,8 +786,8 @@ pub fn bearer(headers: &mut HeaderMap, key: Option<&str>) {
 /// A header carrying a key: marked sensitive, so no debug output or HTTP/2 table keeps it.
 /// A key that cannot go in a header (a line break in the variable) is left out; the server
 /// then answers 401, and the error names the variable.
-pub fn insert_secret(headers: &mut HeaderMap, name: hyper::header::HeaderName, value: &str) {
-    if let Ok(mut value) = hyper::header::HeaderValue::from_str(value) {
+pub fn insert_secret(headers: &mut HeaderMap, name: ::http::header::HeaderName, value: &str) {
+    if let Ok(mut value) = ::http::header::HeaderValue::from_str(value) {
         value.set_sensitive(true);
         headers.insert(name, value);
     }

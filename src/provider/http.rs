@@ -267,8 +267,9 @@ impl Pool {
     }
 
     /// An idle connection still open, if there is one. A server closes idle connections
-    /// whenever it likes; one whose close (or anything else) has arrived is not reused. This
-    /// costs no system call unless the connection became readable while idle.
+    /// whenever it likes; one whose close (or anything else) has arrived is not reused. The
+    /// probe rarely costs a system call: the runtime knows a connection is not readable
+    /// once a read came back short, as the answer's last read does, until something arrives.
     fn take(&self) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(connection) = idle.pop() {

@@ -324,16 +324,23 @@ impl Connection {
     async fn answer(&mut self) -> Result<(Answer, bool), Failure> {
         self.read.clear();
         let (status, headers, framing, mut reusable, body_from) = loop {
-            if self.fill().await? == 0 {
-                return Err(Failure::Broken(
-                    "the server closed the connection before answering".into(),
-                ));
-            }
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut slots);
             let end = match response.parse(&self.read) {
                 Ok(httparse::Status::Complete(end)) => end,
-                Ok(httparse::Status::Partial) if self.read.len() < MAX_HEAD => continue,
+                // Read more: what has arrived (maybe nothing) is not a whole head yet.
+                Ok(httparse::Status::Partial) if self.read.len() < MAX_HEAD => {
+                    if self.fill().await? == 0 {
+                        return Err(if self.read.is_empty() {
+                            Failure::Broken(
+                                "the server closed the connection before answering".into(),
+                            )
+                        } else {
+                            cut_short()
+                        });
+                    }
+                    continue;
+                }
                 Ok(httparse::Status::Partial) => {
                     return Err(Failure::Broken(format!(
                         "the answer's headers are longer than {} KB",
@@ -693,8 +700,7 @@ mod tests {
                 200
             };
             let body: &[u8] = if status == 204 { b"" } else { b"{\"a\":1}" };
-            for (which, transport) in ["pool", "reqwest"].into_iter().zip(both_to(case, closes)) {
-                let (transport, connections) = transport;
+            for (which, transport, connections) in both_to(case, closes) {
                 for _ in 0..3 {
                     let answer = match transport.post(Bytes::from_static(b"{}")).await {
                         Ok(answer) => answer,
@@ -719,26 +725,38 @@ mod tests {
         }
     }
 
-    /// Each transport against its own server giving `answer` in pieces of 5 bytes.
+    /// Each transport against its own server giving `answer` whole, and against another
+    /// giving it in pieces of 5 bytes.
     fn both_to(
         answer: &'static [u8],
         closes: bool,
-    ) -> Vec<(Transport, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
-        (0..2)
-            .map(|i| {
-                let (address, _, connections) = serve(answer, closes, 5);
+    ) -> Vec<(
+        String,
+        Transport,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    )> {
+        let mut transports = Vec::new();
+        for (how, piece) in [("whole", usize::MAX), ("in pieces", 5)] {
+            for which in ["pool", "reqwest"] {
+                let (address, _, connections) = serve(answer, closes, piece);
                 let endpoint = format!("http://{address}/v1/chat/completions");
                 let [pool, client] = both(&endpoint, Duration::from_secs(5));
-                (if i == 0 { pool } else { client }, connections)
-            })
-            .collect()
+                let transport = if which == "pool" { pool } else { client };
+                transports.push((format!("{which}, {how}"), transport, connections));
+            }
+        }
+        transports
     }
 
     #[tokio::test]
     async fn a_broken_answer_says_what_was_wrong() {
-        let cases: [(&'static [u8], &str); 4] = [
+        let cases: [(&'static [u8], &str); 5] = [
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"a\"",
+                "the server closed the connection before the answer was whole",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-le",
                 "the server closed the connection before the answer was whole",
             ),
             (b"", "the server closed the connection before answering"),

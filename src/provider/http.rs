@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use ::http::Uri;
 use ::http::header::{
-    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
-    TRANSFER_ENCODING, USER_AGENT,
+    CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT,
 };
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +26,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// An answer read whole.
 pub struct Answer {
     pub status: u16,
+    /// The answer's headers when it is not a success (2xx); empty for a success, whose
+    /// headers nothing reads.
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -116,7 +117,11 @@ impl Transport {
                 };
                 let response = request.body(body).send().await.map_err(reqwest_failure)?;
                 let status = response.status().as_u16();
-                let headers = response.headers().clone();
+                let headers = if response.status().is_success() {
+                    HeaderMap::new()
+                } else {
+                    response.headers().clone()
+                };
                 let body = response.bytes().await.map_err(reqwest_failure)?;
                 Ok(Answer {
                     status,
@@ -355,12 +360,14 @@ impl Connection {
                 self.read.drain(..end);
                 continue;
             }
-            let mut headers = HeaderMap::with_capacity(response.headers.len());
+            // Only an answer that is not a success has its headers read (a wait asked for, a
+            // redirect's target): a success is framed and read without building a map.
+            let mut headers = HeaderMap::new();
+            let keep = !(200..300).contains(&status);
             let (mut length, mut chunked, mut close) = (None, false, response.version == Some(0));
             for header in response.headers.iter() {
-                let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(malformed)?;
-                let value = HeaderValue::from_bytes(header.value).map_err(malformed)?;
-                if name == CONTENT_LENGTH {
+                let name = header.name.as_bytes();
+                if name.eq_ignore_ascii_case(b"content-length") {
                     let this = std::str::from_utf8(header.value)
                         .ok()
                         .and_then(|v| v.trim().parse::<usize>().ok());
@@ -369,16 +376,21 @@ impl Connection {
                         (Some(this), Some(before)) if this == before => Some(this),
                         _ => return Err(malformed("an unreadable content-length")),
                     };
-                } else if name == TRANSFER_ENCODING {
+                } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                     chunked = has_token(header.value, b"chunked");
-                } else if name == CONNECTION {
+                } else if name.eq_ignore_ascii_case(b"connection") {
                     if has_token(header.value, b"close") {
                         close = true;
                     } else if has_token(header.value, b"keep-alive") {
                         close = false;
                     }
                 }
-                headers.append(name, value);
+                if keep {
+                    headers.append(
+                        HeaderName::from_bytes(name).map_err(malformed)?,
+                        HeaderValue::from_bytes(header.value).map_err(malformed)?,
+                    );
+                }
             }
             let framing = if status == 204 || status == 304 {
                 Framing::Length(0)
@@ -664,15 +676,15 @@ mod tests {
     async fn answers_are_read_whole_however_they_end_and_arrive() {
         // (answer, whether the server closes after it, connections for three requests)
         let cases: [(&'static [u8], bool, usize); 6] = [
-            // A length, the answer arriving a few bytes at a time.
+            // A length (header names are read in any case).
             (
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
                 false,
                 1,
             ),
             // Chunks, with an extension and a trailer.
             (
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4;x=y\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nx-trailer: t\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nx-trailer: t\r\n\r\n",
                 false,
                 1,
             ),
@@ -686,7 +698,7 @@ mod tests {
             (b"HTTP/1.0 200 OK\r\n\r\n{\"a\":1}", true, 3),
             // A length, and the server says it closes.
             (
-                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+                b"HTTP/1.1 200 OK\r\nCONNECTION: Close\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
                 true,
                 3,
             ),

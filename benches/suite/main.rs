@@ -71,6 +71,9 @@ pub struct Sizes {
     pub items_per_call: usize,
     /// Repetitions of short runs; the best is kept.
     pub repeats: usize,
+    /// Runs of each fixed-latency throughput scenario (targets 1a, 1b, 2a, 2b); each figure
+    /// is their median.
+    pub throughput_runs: usize,
 }
 
 impl Sizes {
@@ -83,6 +86,7 @@ impl Sizes {
             million_calls: 10_000,
             items_per_call: 100,
             repeats: 2,
+            throughput_runs: 3,
         }
     }
 
@@ -95,6 +99,7 @@ impl Sizes {
             million_calls: 100,
             items_per_call: 100,
             repeats: 1,
+            throughput_runs: 2,
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use anyhow::{Context, Result, bail};
 
-use crate::keg::{Invocation, fresh_page_cost};
+use std::time::Duration;
+
+use crate::keg::{Invocation, Measured, fresh_page_cost};
 use crate::mock::{Behavior, Window};
 use crate::report::{Figure, Goal, thousands};
 use crate::{Bench, baseline, progress};
@@ -14,7 +16,48 @@ fn rate(window: &Window) -> f64 {
     window.requests as f64 / window.span.as_secs_f64().max(1e-9)
 }
 
-/// Target 1 at fixed latency, and target 2 from the same runs.
+/// One `keg` run at fixed latency and the barrier-free client's run of the same bodies.
+struct Pair {
+    run: Measured,
+    window: Window,
+    fresh_after: Duration,
+    base_cpu: Duration,
+    base: Window,
+}
+
+impl Pair {
+    fn keg_per_call(&self) -> f64 {
+        self.run.cpu.as_secs_f64() / self.window.requests.max(1) as f64
+    }
+
+    fn base_per_call(&self) -> f64 {
+        self.base_cpu.as_secs_f64() / self.base.requests.max(1) as f64
+    }
+}
+
+/// The middle value; of an even count, the worse of the middle two for the goal
+/// (`lower_is_better`), so a repetition never flatters a figure.
+fn median(mut values: Vec<f64>, lower_is_better: bool) -> f64 {
+    values.sort_by(f64::total_cmp);
+    if !lower_is_better {
+        values.reverse();
+    }
+    values[values.len() / 2]
+}
+
+/// The values of every run, in the order they ran: `55.1, 57.3, 60.2`.
+fn each(values: &[f64], digits: usize) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Target 1 at fixed latency, and target 2 from the same runs. Each concurrency runs
+/// `bench.sizes.throughput_runs` times, each `keg` run followed by the client's: this
+/// machine's speed changes from minute to minute, so each figure is the median of its runs
+/// and every run's value is shown beside it.
 pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
     let latency = bench.options.latency;
     let jitter = bench.options.jitter;
@@ -22,46 +65,30 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
     for (concurrency, throughput_id, cpu_id) in [(64, "1a", "2a"), (512, "1b", "2b")] {
         let wanted = concurrency * bench.sizes.rounds;
         let (glob, calls) = bench.corpus()?.glob_for_calls(wanted);
-        bench.mock.set(Behavior {
-            capture: true,
-            ..bench.timed_behavior()
-        });
-        bench.mock.reset();
-        let cache = bench.cache_dir(&format!("cache-throughput-{concurrency}"))?;
-        let out = bench.fresh_dir(&format!("out-throughput-{concurrency}"))?;
-        let run = bench.keg.run(
-            &Invocation::new("run", &bench.pipeline, &cache)
-                .set("glob", glob)
-                .set("out", out.display())
-                .set("base_url", bench.mock.base_url())
-                .set("concurrency", concurrency)
-                .flag("--no-cache"),
-        )?;
-        let fresh_after = fresh_page_cost()?;
-        let window = bench.mock.window();
-        // The same bodies from the barrier-free client: what this machine allows right now.
-        let bodies = bench.mock.take_bodies();
-        bench.mock.set(bench.timed_behavior());
-        bench.mock.reset();
-        let base_cpu = baseline::run(&bench.mock.endpoint(), bodies, concurrency)
-            .context("the baseline client failed")?;
-        let base = bench.mock.window();
-        if window.requests != calls as u64 {
-            progress(&format!(
-                "warning: {} requests for {calls} chunks (retries?)",
-                window.requests
-            ));
+        let mut pairs = Vec::new();
+        for _ in 0..bench.sizes.throughput_runs.max(1) {
+            pairs.push(fixed_latency_pair(bench, &glob, calls, concurrency)?);
         }
         // Each of N workers completes one call per (latency + mean jitter).
         let ideal = concurrency as f64 / (latency + jitter / 2).as_secs_f64();
-        let measured = rate(&window);
+        let rates: Vec<f64> = pairs.iter().map(|p| rate(&p.window)).collect();
+        let base_rates: Vec<f64> = pairs.iter().map(|p| rate(&p.base)).collect();
+        let keg_cpu: Vec<f64> = pairs.iter().map(|p| p.keg_per_call() * 1e6).collect();
+        let base_cpu: Vec<f64> = pairs.iter().map(|p| p.base_per_call() * 1e6).collect();
+        let runs = pairs.len();
+        let of = if runs > 1 {
+            format!(", median of {runs} runs")
+        } else {
+            String::new()
+        };
+        let measured = median(rates.clone(), false);
         bench.push(
             Figure::new(
                 throughput_id,
                 format!(
-                    "throughput, {} ms latency, concurrency {concurrency} ({} calls)",
+                    "throughput, {} ms latency, concurrency {concurrency} ({} calls{of})",
                     latency.as_millis(),
-                    thousands(window.requests)
+                    thousands(pairs[0].window.requests)
                 ),
             )
             .compare(
@@ -70,14 +97,15 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 Goal::AtLeast(0.95),
             ),
         );
-        let base_rate = rate(&base);
+        let base_rate = median(base_rates.clone(), false);
+        let in_flight = |windows: Vec<f64>| median(windows, false);
         bench.push(
             Figure::new(
                 throughput_id,
                 format!(
                     "  barrier-free client, same bodies and server (in flight: keg {:.1}, client {:.1})",
-                    window.in_flight(),
-                    base.in_flight()
+                    in_flight(pairs.iter().map(|p| p.window.in_flight()).collect()),
+                    in_flight(pairs.iter().map(|p| p.base.in_flight()).collect()),
                 ),
             )
             .compare(
@@ -86,32 +114,64 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 Goal::Info,
             ),
         );
-        let per_call = run.cpu.as_secs_f64() / window.requests.max(1) as f64;
+        if runs > 1 {
+            bench.push(
+                Figure::new(throughput_id, "  each run: keg, client (calls/s)").info(format!(
+                    "{}; {}",
+                    each(&rates, 0),
+                    each(&base_rates, 0)
+                )),
+            );
+        }
+        let per_call = median(keg_cpu.clone(), true);
         bench.push(
             Figure::new(
                 cpu_id,
-                format!("keg CPU per call, all stages (concurrency {concurrency})"),
+                format!("keg CPU per call, all stages (concurrency {concurrency}{of})"),
             )
             .compare(
-                (per_call, format!("{:.1} µs", per_call * 1e6)),
+                (per_call * 1e-6, format!("{per_call:.1} µs")),
                 (50e-6, "50 µs".to_owned()),
                 Goal::AtMost(1.0),
             ),
         );
-        let base_per_call = base_cpu.as_secs_f64() / base.requests.max(1) as f64;
+        let base_per_call = median(base_cpu.clone(), true);
         bench.push(
             Figure::new(
                 cpu_id,
                 "  barrier-free client's CPU per call, same bodies and server (HTTP only)",
             )
             .compare(
-                (base_per_call, format!("{:.1} µs", base_per_call * 1e6)),
+                (base_per_call * 1e-6, format!("{base_per_call:.1} µs")),
                 (50e-6, "50 µs".to_owned()),
                 Goal::Info,
             ),
         );
+        if runs > 1 {
+            bench.push(
+                Figure::new(cpu_id, "  each run: keg, client (µs per call)").info(format!(
+                    "{}; {}",
+                    each(&keg_cpu, 1),
+                    each(&base_cpu, 1)
+                )),
+            );
+        }
+        // The details of the run whose CPU per call is the median.
+        let middle = pairs
+            .iter()
+            .min_by(|a, b| {
+                let off = |p: &Pair| (p.keg_per_call() * 1e6 - per_call).abs();
+                off(a).total_cmp(&off(b))
+            })
+            .expect("at least one run");
+        let (run, window) = (&middle.run, &middle.window);
+        let that = if runs > 1 {
+            "the median run"
+        } else {
+            "that run"
+        };
         bench.push(
-            Figure::new(cpu_id, "  that run: keg wall, CPU, peak memory").info(format!(
+            Figure::new(cpu_id, format!("  {that}: keg wall, CPU, peak memory")).info(format!(
                 "{:.2} s wall, {:.2} s CPU, {} MB peak",
                 run.wall.as_secs_f64(),
                 run.cpu.as_secs_f64(),
@@ -121,18 +181,66 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         bench.push(
             Figure::new(
                 cpu_id,
-                "  that run: pages keg touched first (page faults); what a fresh page cost just before and after it",
+                format!(
+                    "  {that}: pages keg touched first (page faults); what a fresh page cost just before and after it"
+                ),
             )
             .info(format!(
                 "{} pages ({:.2} per call); {:.1} µs, {:.1} µs",
                 thousands(run.page_faults),
                 run.page_faults as f64 / window.requests.max(1) as f64,
                 run.fresh_page.as_secs_f64() * 1e6,
-                fresh_after.as_secs_f64() * 1e6,
+                middle.fresh_after.as_secs_f64() * 1e6,
             )),
         );
     }
     Ok(())
+}
+
+/// `keg` over `glob` at `concurrency`, then the barrier-free client with the same bodies.
+fn fixed_latency_pair(
+    bench: &mut Bench,
+    glob: &str,
+    calls: usize,
+    concurrency: usize,
+) -> Result<Pair> {
+    bench.mock.set(Behavior {
+        capture: true,
+        ..bench.timed_behavior()
+    });
+    bench.mock.reset();
+    let cache = bench.cache_dir(&format!("cache-throughput-{concurrency}"))?;
+    let out = bench.fresh_dir(&format!("out-throughput-{concurrency}"))?;
+    let run = bench.keg.run(
+        &Invocation::new("run", &bench.pipeline, &cache)
+            .set("glob", glob)
+            .set("out", out.display())
+            .set("base_url", bench.mock.base_url())
+            .set("concurrency", concurrency)
+            .flag("--no-cache"),
+    )?;
+    let fresh_after = fresh_page_cost()?;
+    let window = bench.mock.window();
+    // The same bodies from the barrier-free client: what this machine allows right now.
+    let bodies = bench.mock.take_bodies();
+    bench.mock.set(bench.timed_behavior());
+    bench.mock.reset();
+    let base_cpu = baseline::run(&bench.mock.endpoint(), bodies, concurrency)
+        .context("the baseline client failed")?;
+    let base = bench.mock.window();
+    if window.requests != calls as u64 {
+        progress(&format!(
+            "warning: {} requests for {calls} chunks (retries?)",
+            window.requests
+        ));
+    }
+    Ok(Pair {
+        run,
+        window,
+        fresh_after,
+        base_cpu,
+        base,
+    })
 }
 
 /// Target 1 with slow replies: `keg` beside the barrier-free client, same bodies, same

@@ -324,17 +324,109 @@ enum Framing {
     Close,
 }
 
+/// An answer's head, parsed.
+struct Head {
+    status: u16,
+    headers: HeaderMap,
+    framing: Framing,
+    /// Whether the server keeps the connection open after this answer.
+    keep_alive: bool,
+    /// Where the body starts in the connection's buffer.
+    body_from: usize,
+}
+
+/// What the start of a read buffer holds.
+enum Parsed {
+    /// Not yet a whole head.
+    Partial,
+    /// An interim answer (`100 Continue` and the like) this long; the real one follows.
+    Interim(usize),
+    Head(Head),
+}
+
+/// Parse the head at the start of `read`. Not part of a future: the header slots live on
+/// the stack only while it runs, not in every call's task across its waits.
+fn parse_head(read: &[u8]) -> Result<Parsed, Failure> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let end = match response.parse(read) {
+        Ok(httparse::Status::Complete(end)) => end,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(err) => return Err(malformed(err)),
+    };
+    let status = response.code.unwrap_or(0);
+    if (100..200).contains(&status) && status != 101 {
+        return Ok(Parsed::Interim(end));
+    }
+    // Only an answer that is not a success has its headers read (a wait asked for, a
+    // redirect's target): a success is framed and read without building a map.
+    let mut headers = HeaderMap::new();
+    let keep = !(200..300).contains(&status);
+    let (mut length, mut chunked, mut close) = (None, false, response.version == Some(0));
+    for header in response.headers.iter() {
+        let name = header.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let this = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            length = match (this, length) {
+                (Some(this), None) => Some(this),
+                (Some(this), Some(before)) if this == before => Some(this),
+                _ => return Err(malformed("an unreadable content-length")),
+            };
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = has_token(header.value, b"chunked");
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            if has_token(header.value, b"close") {
+                close = true;
+            } else if has_token(header.value, b"keep-alive") {
+                close = false;
+            }
+        }
+        if keep {
+            headers.append(
+                HeaderName::from_bytes(name).map_err(malformed)?,
+                HeaderValue::from_bytes(header.value).map_err(malformed)?,
+            );
+        }
+    }
+    let framing = if status == 204 || status == 304 {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(length) = length {
+        Framing::Length(length)
+    } else {
+        Framing::Close
+    };
+    Ok(Parsed::Head(Head {
+        status,
+        headers,
+        framing,
+        keep_alive: !close,
+        body_from: end,
+    }))
+}
+
 impl Connection {
     /// Read one answer whole; also whether the connection may carry another request.
     async fn answer(&mut self) -> Result<(Answer, bool), Failure> {
         self.read.clear();
-        let (status, headers, framing, mut reusable, body_from) = loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut slots);
-            let end = match response.parse(&self.read) {
-                Ok(httparse::Status::Complete(end)) => end,
+        let Head {
+            status,
+            headers,
+            framing,
+            keep_alive: mut reusable,
+            body_from,
+        } = loop {
+            match parse_head(&self.read)? {
+                Parsed::Head(head) => break head,
+                // The real answer follows.
+                Parsed::Interim(end) => {
+                    self.read.drain(..end);
+                }
                 // Read more: what has arrived (maybe nothing) is not a whole head yet.
-                Ok(httparse::Status::Partial) if self.read.len() < MAX_HEAD => {
+                Parsed::Partial if self.read.len() < MAX_HEAD => {
                     if self.fill().await? == 0 {
                         return Err(if self.read.is_empty() {
                             Failure::Broken(
@@ -344,64 +436,14 @@ impl Connection {
                             cut_short()
                         });
                     }
-                    continue;
                 }
-                Ok(httparse::Status::Partial) => {
+                Parsed::Partial => {
                     return Err(Failure::Broken(format!(
                         "the answer's headers are longer than {} KB",
                         MAX_HEAD / 1024
                     )));
                 }
-                Err(err) => return Err(malformed(err)),
-            };
-            let status = response.code.unwrap_or(0);
-            // An interim answer (`100 Continue` and the like) is followed by the real one.
-            if (100..200).contains(&status) && status != 101 {
-                self.read.drain(..end);
-                continue;
             }
-            // Only an answer that is not a success has its headers read (a wait asked for, a
-            // redirect's target): a success is framed and read without building a map.
-            let mut headers = HeaderMap::new();
-            let keep = !(200..300).contains(&status);
-            let (mut length, mut chunked, mut close) = (None, false, response.version == Some(0));
-            for header in response.headers.iter() {
-                let name = header.name.as_bytes();
-                if name.eq_ignore_ascii_case(b"content-length") {
-                    let this = std::str::from_utf8(header.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<usize>().ok());
-                    length = match (this, length) {
-                        (Some(this), None) => Some(this),
-                        (Some(this), Some(before)) if this == before => Some(this),
-                        _ => return Err(malformed("an unreadable content-length")),
-                    };
-                } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                    chunked = has_token(header.value, b"chunked");
-                } else if name.eq_ignore_ascii_case(b"connection") {
-                    if has_token(header.value, b"close") {
-                        close = true;
-                    } else if has_token(header.value, b"keep-alive") {
-                        close = false;
-                    }
-                }
-                if keep {
-                    headers.append(
-                        HeaderName::from_bytes(name).map_err(malformed)?,
-                        HeaderValue::from_bytes(header.value).map_err(malformed)?,
-                    );
-                }
-            }
-            let framing = if status == 204 || status == 304 {
-                Framing::Length(0)
-            } else if chunked {
-                Framing::Chunked
-            } else if let Some(length) = length {
-                Framing::Length(length)
-            } else {
-                Framing::Close
-            };
-            break (status, headers, framing, !close, end);
         };
         let body = match framing {
             Framing::Length(length) => {

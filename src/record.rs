@@ -195,6 +195,24 @@ impl Sink for HashSink<'_> {
     }
 }
 
+/// Lends `f` a buffer of this thread's, emptied, for bytes that are copied elsewhere at once
+/// (into a request body, into a cache entry): a buffer used again stays in the CPU's cache,
+/// where a fresh one is memory written for the first time on every call. A buffer that grew
+/// past 256 KB is not kept.
+pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    // A nested use finds the buffer taken and gets a fresh one of its own.
+    let mut buffer = SCRATCH.take();
+    buffer.clear();
+    let result = f(&mut buffer);
+    if buffer.capacity() <= 256 * 1024 {
+        SCRATCH.set(buffer);
+    }
+    result
+}
+
 /// Lets `serde_json` write a number into a sink.
 struct SinkWriter<'s, S>(&'s mut S);
 

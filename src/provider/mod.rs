@@ -177,29 +177,34 @@ impl Reply {
     /// The cache entry: the bytes `serde_json::to_vec` makes of the reply, its strings
     /// written by [`crate::record::write_json_str`], since one is made per call.
     pub fn to_json(&self) -> Vec<u8> {
-        use crate::record::write_json_str;
         let mut out = Vec::with_capacity(self.content.len() + 128);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// [`Reply::to_json`], appended to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use crate::record::write_json_str;
         out.extend_from_slice(b"{\"content\":");
-        write_json_str(&self.content, &mut out);
+        write_json_str(&self.content, out);
         out.extend_from_slice(b",\"finish_reason\":");
         match &self.finish_reason {
-            Some(reason) => write_json_str(reason, &mut out),
+            Some(reason) => write_json_str(reason, out),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"prompt_tokens\":");
-        let _ = serde_json::to_writer(&mut out, &self.prompt_tokens);
+        let _ = serde_json::to_writer(&mut *out, &self.prompt_tokens);
         out.extend_from_slice(b",\"completion_tokens\":");
-        let _ = serde_json::to_writer(&mut out, &self.completion_tokens);
+        let _ = serde_json::to_writer(&mut *out, &self.completion_tokens);
         if let Some(cost) = self.cost {
             out.extend_from_slice(b",\"cost\":");
-            let _ = serde_json::to_writer(&mut out, &cost);
+            let _ = serde_json::to_writer(&mut *out, &cost);
         }
         if let Some(reasoning) = &self.reasoning {
             out.extend_from_slice(b",\"reasoning\":");
-            write_json_str(reasoning, &mut out);
+            write_json_str(reasoning, out);
         }
         out.push(b'}');
-        out
     }
 }
 
@@ -414,27 +419,30 @@ impl Provider {
     /// or writing the schema per call.
     pub fn body(&self, messages: &Json, schema: Option<&[u8]>, max_tokens: Option<u32>) -> Body {
         let wire = self.config.kind.wire();
-        let mut written = Vec::new();
-        let mut parts = Vec::with_capacity(2);
-        let (shared, own);
-        let frame: &Frame = if wire.messages_as_given {
-            written.reserve(4096);
-            crate::record::write_canonical_json(messages, &mut written);
-            parts.push((MESSAGES_MARK.1, &written[..]));
-            shared = self.frame_for(max_tokens, schema.is_some());
-            &shared
+        let filled = if wire.messages_as_given {
+            // The messages are copied into the body at once: written in a buffer kept warm.
+            crate::record::with_scratch(|written| {
+                crate::record::write_canonical_json(messages, written);
+                let mut parts = Vec::with_capacity(2);
+                parts.push((MESSAGES_MARK.1, &written[..]));
+                parts.extend(schema.map(|schema| (SCHEMA_MARK.1, schema)));
+                self.frame_for(max_tokens, schema.is_some()).fill(&parts)
+            })
         } else {
-            let schema = schema.map(|_| Json::String(SCHEMA_MARK.0.into()));
-            own = self.frame(&(wire.body)(
+            let stand_in = schema.map(|_| Json::String(SCHEMA_MARK.0.into()));
+            let frame = self.frame(&(wire.body)(
                 &self.config,
                 messages,
-                schema.as_ref(),
+                stand_in.as_ref(),
                 max_tokens,
             ));
-            &own
+            let parts: Vec<_> = schema
+                .map(|schema| (SCHEMA_MARK.1, schema))
+                .into_iter()
+                .collect();
+            frame.fill(&parts)
         };
-        parts.extend(schema.map(|schema| (SCHEMA_MARK.1, schema)));
-        if let Some(body) = frame.fill(&parts) {
+        if let Some(body) = filled {
             return body;
         }
         // A stand-in's text was in the frame already (a message holding it): build it whole.

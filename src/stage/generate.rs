@@ -290,15 +290,14 @@ impl Generate {
                 if let Some(cost) = reply.cost {
                     StageStats::add(&calls.stats.cost_nanos, super::cost_nanos(cost));
                 }
-                let bytes = reply.to_json();
-                calls
-                    .store
-                    .put(CALLS_BUCKET, &request.key, &bytes)
-                    .map_err(|e| {
-                        Resolution::Fatal(StageError::Message(format!(
-                            "cannot write the cache: {e}"
-                        )))
-                    })?;
+                // Copied into the cache's own entry at once: written in a buffer kept warm.
+                crate::record::with_scratch(|bytes| {
+                    reply.write_json(bytes);
+                    calls.store.put(CALLS_BUCKET, &request.key, bytes)
+                })
+                .map_err(|e| {
+                    Resolution::Fatal(StageError::Message(format!("cannot write the cache: {e}")))
+                })?;
                 Ok(Some(reply))
             }
             Err(CallError::GaveUp { attempts, last }) => {

@@ -347,9 +347,15 @@ enum Parsed {
 /// Parse the head at the start of `read`. Not part of a future: the header slots live on
 /// the stack only while it runs, not in every call's task across its waits.
 fn parse_head(read: &[u8]) -> Result<Parsed, Failure> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let end = match response.parse(read) {
+    // Left unwritten until parsed into, as hyper does: 3.2 KB the parser would only overwrite.
+    let mut slots = [std::mem::MaybeUninit::<httparse::Header>::uninit(); MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        read,
+        &mut slots,
+    );
+    let end = match parsed {
         Ok(httparse::Status::Complete(end)) => end,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(err) => return Err(malformed(err)),

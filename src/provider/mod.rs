@@ -424,8 +424,8 @@ impl Provider {
             crate::record::with_scratch(|written| {
                 crate::record::write_canonical_json(messages, written);
                 let mut parts = Vec::with_capacity(2);
-                parts.push((MESSAGES_MARK.1, &written[..]));
-                parts.extend(schema.map(|schema| (SCHEMA_MARK.1, schema)));
+                parts.push((&*MESSAGES_FINDER, &written[..]));
+                parts.extend(schema.map(|schema| (&*SCHEMA_FINDER, schema)));
                 self.frame_for(max_tokens, schema.is_some()).fill(&parts)
             })
         } else {
@@ -437,7 +437,7 @@ impl Provider {
                 max_tokens,
             ));
             let parts: Vec<_> = schema
-                .map(|schema| (SCHEMA_MARK.1, schema))
+                .map(|schema| (&*SCHEMA_FINDER, schema))
                 .into_iter()
                 .collect();
             frame.fill(&parts)
@@ -684,6 +684,15 @@ fn header_map(
 const MESSAGES_MARK: (&str, &[u8]) = ("\u{0}keg:messages", br#""\u0000keg:messages""#);
 const SCHEMA_MARK: (&str, &[u8]) = ("\u{0}keg:schema", br#""\u0000keg:schema""#);
 
+/// The stand-ins' searchers, built once: building one costs more than the search itself.
+static MESSAGES_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(MESSAGES_MARK.1));
+static SCHEMA_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(SCHEMA_MARK.1));
+
+/// A stand-in's searcher and the bytes that replace it.
+type Part<'a> = (&'a memchr::memmem::Finder<'static>, &'a [u8]);
+
 /// Frames by the reply's token budget and whether a schema is sent.
 type Frames = std::collections::HashMap<(Option<u32>, bool), Arc<Frame>>;
 
@@ -699,7 +708,7 @@ struct Frame {
 
 impl Frame {
     /// The body with `parts` filled in; `None` when a stand-in is found more than once.
-    fn fill(&self, parts: &[(&[u8], &[u8])]) -> Option<Body> {
+    fn fill(&self, parts: &[Part]) -> Option<Body> {
         let canonical = bytes::Bytes::from(fill(&self.canonical, parts)?);
         let wire = match &self.sent {
             Some(sent) => bytes::Bytes::from(fill(sent, parts)?),
@@ -715,15 +724,15 @@ impl Frame {
 
 /// `frame` with each stand-in (as canonical JSON writes it) replaced by its part; `None`
 /// when one is found more than once, and which is the stand-in cannot be told.
-fn fill(frame: &[u8], parts: &[(&[u8], &[u8])]) -> Option<Vec<u8>> {
+fn fill(frame: &[u8], parts: &[Part]) -> Option<Vec<u8>> {
     let mut found: Vec<(usize, usize, &[u8])> = Vec::with_capacity(parts.len());
-    for (quoted, part) in parts {
-        let mut at = memchr::memmem::find_iter(frame, quoted);
+    for (finder, part) in parts {
+        let mut at = finder.find_iter(frame);
         if let Some(first) = at.next() {
             if at.next().is_some() {
                 return None;
             }
-            found.push((first, quoted.len(), part));
+            found.push((first, finder.needle().len(), part));
         }
     }
     found.sort_unstable_by_key(|(at, ..)| *at);

@@ -226,7 +226,7 @@ impl Generate {
     }
 
     fn first_request<'r>(&self, record: &'r Record) -> Result<Request<'r>, StageError> {
-        let messages = match record.data.get("messages") {
+        let messages = match super::field(&record.data, "messages") {
             Some(m @ Json::Array(_)) => Cow::Borrowed(m),
             _ => {
                 return Err(StageError::Message(format!(
@@ -236,7 +236,7 @@ impl Generate {
             }
         };
         let max_tokens = self.config.max_tokens.or_else(|| {
-            let items = record.data.get("items")?.as_u64()?;
+            let items = super::field(&record.data, "items")?.as_u64()?;
             let items = u32::try_from(items).unwrap_or(u32::MAX);
             Some(
                 items

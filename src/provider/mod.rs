@@ -174,15 +174,9 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// The cache entry: the bytes `serde_json::to_vec` makes of the reply, its strings
-    /// written by [`crate::record::write_json_str`], since one is made per call.
-    pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.content.len() + 128);
-        self.write_json(&mut out);
-        out
-    }
-
-    /// [`Reply::to_json`], appended to `out`.
+    /// The cache entry, appended to `out`: the bytes `serde_json::to_vec` makes of the
+    /// reply, its strings written by [`crate::record::write_json_str`], since one is made
+    /// per call.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         use crate::record::write_json_str;
         out.extend_from_slice(b"{\"content\":");
@@ -846,7 +840,8 @@ mod tests {
             },
         ];
         for reply in replies {
-            let bytes = reply.to_json();
+            let mut bytes = Vec::new();
+            reply.write_json(&mut bytes);
             assert_eq!(
                 String::from_utf8(bytes.clone()).unwrap(),
                 String::from_utf8(serde_json::to_vec(&reply).unwrap()).unwrap()

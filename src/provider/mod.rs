@@ -417,10 +417,12 @@ impl Provider {
             // The messages are copied into the body at once: written in a buffer kept warm.
             crate::record::with_scratch(|written| {
                 crate::record::write_canonical_json(messages, written);
-                let mut parts = Vec::with_capacity(2);
-                parts.push((&*MESSAGES_FINDER, &written[..]));
-                parts.extend(schema.map(|schema| (&*SCHEMA_FINDER, schema)));
-                self.frame_for(max_tokens, schema.is_some()).fill(&parts)
+                let frame = self.frame_for(max_tokens, schema.is_some());
+                let messages: Part = (&*MESSAGES_FINDER, &written[..]);
+                match schema {
+                    Some(schema) => frame.fill(&[messages, (&*SCHEMA_FINDER, schema)]),
+                    None => frame.fill(&[messages]),
+                }
             })
         } else {
             let stand_in = schema.map(|_| Json::String(SCHEMA_MARK.0.into()));
@@ -430,11 +432,7 @@ impl Provider {
                 stand_in.as_ref(),
                 max_tokens,
             ));
-            let parts: Vec<_> = schema
-                .map(|schema| (&*SCHEMA_FINDER, schema))
-                .into_iter()
-                .collect();
-            frame.fill(&parts)
+            frame.fill(schema.map(|schema| (&*SCHEMA_FINDER, schema)).as_slice())
         };
         if let Some(body) = filled {
             return body;

@@ -147,7 +147,7 @@ impl Sink for Vec<u8> {
 
 /// Bytes for a hasher, gathered into large updates: blake3 hashes several 1 KiB chunks at
 /// once (SIMD) only when one update holds them, and each small update has a cost of its own.
-/// The buffer is kept per thread between uses.
+/// It gathers in this thread's scratch buffer (see [`with_scratch`]).
 struct HashSink<'a> {
     hasher: &'a mut blake3::Hasher,
     buffer: Vec<u8>,
@@ -155,21 +155,16 @@ struct HashSink<'a> {
 
 const HASH_BUFFER: usize = 16 * 1024;
 
-thread_local! {
-    static BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
 impl<'a> HashSink<'a> {
     fn new(hasher: &'a mut blake3::Hasher) -> Self {
-        let mut buffer = BUFFER.take();
-        buffer.clear();
+        let mut buffer = take_scratch();
         buffer.reserve(HASH_BUFFER);
         HashSink { hasher, buffer }
     }
 
     fn finish(mut self) {
         self.hasher.update(&self.buffer);
-        BUFFER.set(std::mem::take(&mut self.buffer));
+        give_back_scratch(std::mem::take(&mut self.buffer));
     }
 }
 
@@ -200,17 +195,28 @@ impl Sink for HashSink<'_> {
 /// where a fresh one is memory written for the first time on every call. A buffer that grew
 /// past 256 KB is not kept.
 pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
-    thread_local! {
-        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    }
-    // A nested use finds the buffer taken and gets a fresh one of its own.
+    let mut buffer = take_scratch();
+    let result = f(&mut buffer);
+    give_back_scratch(buffer);
+    result
+}
+
+thread_local! {
+    /// The buffer [`with_scratch`] lends and [`HashSink`] gathers in.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's scratch buffer, emptied; a nested use finds it taken and gets a fresh one.
+fn take_scratch() -> Vec<u8> {
     let mut buffer = SCRATCH.take();
     buffer.clear();
-    let result = f(&mut buffer);
+    buffer
+}
+
+fn give_back_scratch(buffer: Vec<u8>) {
     if buffer.capacity() <= 256 * 1024 {
         SCRATCH.set(buffer);
     }
-    result
 }
 
 /// Lets `serde_json` write a number into a sink.

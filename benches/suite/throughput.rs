@@ -35,23 +35,36 @@ impl Pair {
     }
 }
 
-/// The middle value; of an even count, the worse of the middle two for the goal
-/// (`lower_is_better`), so a repetition never flatters a figure.
-fn median(mut values: Vec<f64>, lower_is_better: bool) -> f64 {
-    values.sort_by(f64::total_cmp);
+/// Which run holds the middle value; of an even count, the worse of the middle two for the
+/// goal (`lower_is_better`), so a repetition never flatters a figure.
+fn median_run(values: &[f64], lower_is_better: bool) -> usize {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
     if !lower_is_better {
-        values.reverse();
+        order.reverse();
     }
-    values[values.len() / 2]
+    order[values.len() / 2]
 }
 
-/// The values of every run, in the order they ran: `55.1, 57.3, 60.2`.
-fn each(values: &[f64], digits: usize) -> String {
-    values
-        .iter()
-        .map(|v| format!("{v:.digits$}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+fn median(values: &[f64], lower_is_better: bool) -> f64 {
+    values[median_run(values, lower_is_better)]
+}
+
+/// A row with every run's value of `keg` and of the client, in the order they ran:
+/// `55.1, 57.3, 60.2; 33.0, 34.1, 35.2`.
+fn each_run(target: &str, unit: &str, keg: &[f64], client: &[f64], digits: usize) -> Figure {
+    let list = |values: &[f64]| {
+        values
+            .iter()
+            .map(|v| format!("{v:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Figure::new(target, format!("  each run: keg, client ({unit})")).info(format!(
+        "{}; {}",
+        list(keg),
+        list(client)
+    ))
 }
 
 /// Target 1 at fixed latency, and target 2 from the same runs. Each concurrency runs
@@ -81,7 +94,7 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         } else {
             String::new()
         };
-        let measured = median(rates.clone(), false);
+        let measured = median(&rates, false);
         bench.push(
             Figure::new(
                 throughput_id,
@@ -97,15 +110,18 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 Goal::AtLeast(0.95),
             ),
         );
-        let base_rate = median(base_rates.clone(), false);
-        let in_flight = |windows: Vec<f64>| median(windows, false);
+        let base_rate = median(&base_rates, false);
+        let in_flight = |window: fn(&Pair) -> &Window| {
+            let values: Vec<f64> = pairs.iter().map(|p| window(p).in_flight()).collect();
+            median(&values, false)
+        };
         bench.push(
             Figure::new(
                 throughput_id,
                 format!(
                     "  barrier-free client, same bodies and server (in flight: keg {:.1}, client {:.1})",
-                    in_flight(pairs.iter().map(|p| p.window.in_flight()).collect()),
-                    in_flight(pairs.iter().map(|p| p.base.in_flight()).collect()),
+                    in_flight(|p| &p.window),
+                    in_flight(|p| &p.base),
                 ),
             )
             .compare(
@@ -115,15 +131,11 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
             ),
         );
         if runs > 1 {
-            bench.push(
-                Figure::new(throughput_id, "  each run: keg, client (calls/s)").info(format!(
-                    "{}; {}",
-                    each(&rates, 0),
-                    each(&base_rates, 0)
-                )),
-            );
+            bench.push(each_run(throughput_id, "calls/s", &rates, &base_rates, 0));
         }
-        let per_call = median(keg_cpu.clone(), true);
+        // The median run by CPU per call: 2a or 2b, and the details below it.
+        let middle = &pairs[median_run(&keg_cpu, true)];
+        let per_call = middle.keg_per_call() * 1e6;
         bench.push(
             Figure::new(
                 cpu_id,
@@ -135,7 +147,7 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 Goal::AtMost(1.0),
             ),
         );
-        let base_per_call = median(base_cpu.clone(), true);
+        let base_per_call = median(&base_cpu, true);
         bench.push(
             Figure::new(
                 cpu_id,
@@ -148,22 +160,8 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
             ),
         );
         if runs > 1 {
-            bench.push(
-                Figure::new(cpu_id, "  each run: keg, client (µs per call)").info(format!(
-                    "{}; {}",
-                    each(&keg_cpu, 1),
-                    each(&base_cpu, 1)
-                )),
-            );
+            bench.push(each_run(cpu_id, "µs per call", &keg_cpu, &base_cpu, 1));
         }
-        // The details of the run whose CPU per call is the median.
-        let middle = pairs
-            .iter()
-            .min_by(|a, b| {
-                let off = |p: &Pair| (p.keg_per_call() * 1e6 - per_call).abs();
-                off(a).total_cmp(&off(b))
-            })
-            .expect("at least one run");
         let (run, window) = (&middle.run, &middle.window);
         let that = if runs > 1 {
             "the median run"

@@ -22,15 +22,39 @@ pub struct CallKey<'a> {
     pub body: &'a [u8],
 }
 
+/// What every call key's bytes start with, the body following.
+const KEY_HEAD: &[u8] = b"{\"body\":";
+/// blake3 hashes 64-byte blocks.
+const BLOCK: usize = 64;
+/// How far into a key [`KeyStarts`] looks for a start it shares with others: long system
+/// messages included, short of what is compared and copied costing more than it saves.
+const MOST_START: usize = 4096;
+/// How many starts [`KeyStarts`] keeps: a stage's calls start alike, or with a few budgets.
+const MOST_STARTS: usize = 4;
+
 impl CallKey<'_> {
     /// blake3 of the canonical JSON of this struct (fields in sorted order). The body is
     /// canonical already, so it is hashed as it is: the key costs blake3 over the bytes that
     /// are sent, and nothing else.
     pub fn digest(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
+        hasher.update(KEY_HEAD);
+        self.digest_from(hasher, 0)
+    }
+
+    /// [`CallKey::digest`], starting from the hasher's state after a start of the key's
+    /// bytes that `starts` remembers: the same digest, without hashing those bytes again.
+    pub fn digest_with(&self, starts: &KeyStarts) -> blake3::Hash {
+        match starts.state_after(self.body) {
+            Some((hasher, from)) => self.digest_from(hasher, from),
+            None => self.digest(),
+        }
+    }
+
+    /// The digest, from a hasher that has taken the key's bytes up to `body[..from]`.
+    fn digest_from(&self, mut hasher: blake3::Hasher, from: usize) -> blake3::Hash {
+        hasher.update(&self.body[from..]);
         let mut out = CanonicalWriter::new(&mut hasher);
-        out.raw(b"{\"body\":");
-        out.raw(self.body);
         out.raw(b",\"endpoint\":");
         out.str(self.endpoint);
         out.raw(b",\"key_version\":");
@@ -40,6 +64,67 @@ impl CallKey<'_> {
         out.raw(b"}");
         out.finish();
         hasher.finalize()
+    }
+}
+
+/// The hasher's state after the first blocks of call keys seen lately, so that a key that
+/// starts the same way hashes only the rest. One stage's calls mostly share their first
+/// few hundred bytes: `{"body":{"max_tokens":N,"messages":[{"content":"` and the system
+/// message; the fields after the messages (the schema among them) cannot be kept this way,
+/// as where they fall in blake3's blocks moves with the messages' length. A state is a plain
+/// copy of the hasher (about 2 KB).
+#[derive(Default)]
+pub struct KeyStarts(std::sync::Mutex<Starts>);
+
+/// A copy starts with nothing kept: what is kept only saves work, it never changes a key.
+impl Clone for KeyStarts {
+    fn clone(&self) -> Self {
+        KeyStarts::default()
+    }
+}
+
+#[derive(Default)]
+struct Starts {
+    /// Starts of bodies (`KEY_HEAD` and these bytes fill whole blocks) and the hasher
+    /// having taken them; the newest last.
+    kept: Vec<(Vec<u8>, blake3::Hasher)>,
+    /// The first [`MOST_START`] bytes of the last body no kept start matched.
+    last: Vec<u8>,
+}
+
+impl KeyStarts {
+    /// A hasher that has taken `KEY_HEAD` and `body[..from]`, and `from`; `None` when the
+    /// body shares no start worth keeping with the bodies before it.
+    fn state_after(&self, body: &[u8]) -> Option<(blake3::Hasher, usize)> {
+        let mut starts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((start, hasher)) = starts.kept.iter().rev().find(|(s, _)| body.starts_with(s)) {
+            return Some((hasher.clone(), start.len()));
+        }
+        // Whole blocks this body shares with the last one that matched no kept start.
+        let first = &body[..body.len().min(MOST_START - KEY_HEAD.len())];
+        let shared = |from: usize, to: usize| {
+            to <= first.len() && to <= starts.last.len() && first[from..to] == starts.last[from..to]
+        };
+        let mut end = BLOCK - KEY_HEAD.len();
+        if shared(0, end) {
+            while shared(end, end + BLOCK) {
+                end += BLOCK;
+            }
+            // Two blocks at least: a shorter start saves less than keeping it costs.
+            if KEY_HEAD.len() + end >= 2 * BLOCK {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(KEY_HEAD);
+                hasher.update(&body[..end]);
+                if starts.kept.len() == MOST_STARTS {
+                    starts.kept.remove(0);
+                }
+                starts.kept.push((body[..end].to_vec(), hasher.clone()));
+                return Some((hasher, end));
+            }
+        }
+        starts.last.clear();
+        starts.last.extend_from_slice(first);
+        None
     }
 }
 
@@ -121,6 +206,73 @@ mod tests {
 }
 
 #[cfg(test)]
+mod starts {
+    use super::*;
+
+    fn key(body: &[u8]) -> CallKey<'_> {
+        CallKey {
+            key_version: CALL_KEY_VERSION,
+            provider: "openai",
+            endpoint: "http://127.0.0.1:1/v1/chat/completions",
+            body,
+        }
+    }
+
+    /// Bodies as a stage's calls make them: a shared start of `shared` bytes (the system
+    /// message) then text of their own, of lengths around and across blake3's block and chunk
+    /// edges, some with budgets of their own.
+    fn bodies() -> Vec<Vec<u8>> {
+        let mut bodies = Vec::new();
+        for shared in [
+            0, 40, 56, 57, 119, 120, 121, 184, 500, 1016, 1017, 1500, 3000, 4100,
+        ] {
+            for (i, own) in [0, 1, 7, 63, 64, 65, 900, 2100].into_iter().enumerate() {
+                let budget = if i % 3 == 0 { "304" } else { "1000" };
+                let mut body = format!("{{\"max_tokens\":{budget},\"messages\":[").into_bytes();
+                body.extend((0..shared).map(|n| b'a' + (n % 26) as u8));
+                body.extend((0..own).map(|n| b'0' + ((n * 7 + i) % 10) as u8));
+                body.extend_from_slice(b"]}");
+                bodies.push(body);
+            }
+        }
+        bodies
+    }
+
+    #[test]
+    fn a_key_from_a_kept_start_is_the_same_key() {
+        let starts = KeyStarts::default();
+        let mut reused = 0;
+        for body in bodies() {
+            let kept = starts.0.lock().unwrap().kept.len();
+            let from = starts.state_after(&body).map(|(_, from)| from);
+            assert_eq!(
+                key(&body).digest_with(&starts),
+                key(&body).digest(),
+                "{from:?}"
+            );
+            reused += usize::from(from.is_some() && kept == starts.0.lock().unwrap().kept.len());
+            // Starts end on a block's edge, two blocks in at least.
+            if let Some(from) = from {
+                assert_eq!((KEY_HEAD.len() + from) % BLOCK, 0);
+                assert!(KEY_HEAD.len() + from >= 2 * BLOCK && KEY_HEAD.len() + from <= MOST_START);
+            }
+        }
+        assert!(reused > 40, "{reused}");
+        assert!(starts.0.lock().unwrap().kept.len() <= MOST_STARTS);
+    }
+
+    #[test]
+    fn bodies_that_share_little_keep_no_start() {
+        let starts = KeyStarts::default();
+        for i in 0..20u8 {
+            let body = [&[b'{', b'a' + i][..], &[b'x'; 300][..]].concat();
+            assert_eq!(key(&body).digest_with(&starts), key(&body).digest());
+        }
+        assert!(starts.0.lock().unwrap().kept.is_empty());
+    }
+}
+
+#[cfg(test)]
 mod speed {
     use super::*;
     use serde_json::json;
@@ -165,15 +317,22 @@ mod speed {
             std::hint::black_box(blake3::hash(std::hint::black_box(&bytes)));
         }
         let hash = t.elapsed();
+        let starts = KeyStarts::default();
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(key.digest_with(&starts));
+        }
+        let with_start = t.elapsed();
         let t = std::time::Instant::now();
         for _ in 0..n {
             std::hint::black_box(crate::record::canonical_json(std::hint::black_box(&body)));
         }
         let ser = t.elapsed();
         eprintln!(
-            "{} bytes: digest {:?}, blake3 {:?}, canonical_json {:?} per key",
+            "{} bytes: digest {:?}, from a kept start {:?}, blake3 {:?}, canonical_json {:?} per key",
             bytes.len(),
             digest / n,
+            with_start / n,
             hash / n,
             ser / n
         );

@@ -7,7 +7,7 @@ mod sqlite;
 
 use std::io;
 
-pub use key::CallKey;
+pub use key::{CallKey, KeyStarts};
 pub use sqlite::{DATABASE, DiskStore};
 
 /// Where cached values live. The on-disk store is the default; a shared remote tier can be

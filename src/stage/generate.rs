@@ -30,7 +30,7 @@ use super::{
     BuildContext, JsonSchemaFile, Kind, Mode, Stage, StageContext, StageError, StageStats,
 };
 use crate::cache::key::{CALL_KEY_VERSION, CALLS_BUCKET};
-use crate::cache::{CallKey, Store};
+use crate::cache::{CallKey, KeyStarts, Store};
 use crate::config::node::suggest;
 use crate::provider::{Body, CallError, Provider, Queued, Reply};
 use crate::record::Record;
@@ -87,6 +87,8 @@ pub struct Generate {
     config: GenerateConfig,
     provider: Arc<Provider>,
     schema: Option<JsonSchemaFile>,
+    /// How this stage's call keys start, hashed once (see [`KeyStarts`]).
+    key_starts: KeyStarts,
 }
 
 fn build(cx: &BuildContext) -> super::Built {
@@ -118,6 +120,7 @@ fn build(cx: &BuildContext) -> super::Built {
             config,
             provider,
             schema,
+            key_starts: KeyStarts::default(),
         })),
         _ => Err(errors),
     }
@@ -216,7 +219,7 @@ impl Generate {
             endpoint: self.provider.endpoint(),
             body: &body.canonical,
         }
-        .digest();
+        .digest_with(&self.key_starts);
         Request {
             messages,
             max_tokens,

@@ -68,20 +68,14 @@ impl CallKey<'_> {
 }
 
 /// The hasher's state after the first blocks of call keys seen lately, so that a key that
-/// starts the same way hashes only the rest. One stage's calls mostly share their first
-/// few hundred bytes: `{"body":{"max_tokens":N,"messages":[{"content":"` and the system
-/// message; the fields after the messages (the schema among them) cannot be kept this way,
-/// as where they fall in blake3's blocks moves with the messages' length. A state is a plain
-/// copy of the hasher (about 2 KB).
+/// starts the same way hashes only the rest; one per `generate` stage. One stage's calls
+/// mostly share their first few hundred bytes: `{"body":{"max_tokens":N,"messages":[`, the
+/// system message, and within a document its path. The fields after the messages (the
+/// schema among them) cannot be kept this way, as where they fall in blake3's blocks moves
+/// with the messages' length. A start is kept when a key matches none kept and shares two
+/// blocks or more with the key before it; a state is a plain copy of the hasher (about 2 KB).
 #[derive(Default)]
 pub struct KeyStarts(std::sync::Mutex<Starts>);
-
-/// A copy starts with nothing kept: what is kept only saves work, it never changes a key.
-impl Clone for KeyStarts {
-    fn clone(&self) -> Self {
-        KeyStarts::default()
-    }
-}
 
 #[derive(Default)]
 struct Starts {

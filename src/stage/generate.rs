@@ -87,8 +87,9 @@ pub struct Generate {
     config: GenerateConfig,
     provider: Arc<Provider>,
     schema: Option<JsonSchemaFile>,
-    /// How this stage's call keys start, hashed once (see [`KeyStarts`]).
-    key_starts: KeyStarts,
+    /// How this stage's call keys start, hashed once (see [`KeyStarts`]); shared by the
+    /// copy each document's run makes.
+    key_starts: Arc<KeyStarts>,
 }
 
 fn build(cx: &BuildContext) -> super::Built {
@@ -120,7 +121,7 @@ fn build(cx: &BuildContext) -> super::Built {
             config,
             provider,
             schema,
-            key_starts: KeyStarts::default(),
+            key_starts: Arc::default(),
         })),
         _ => Err(errors),
     }

@@ -24,8 +24,9 @@ pub struct CallKey<'a> {
 
 /// What every call key's bytes start with, the body following.
 const KEY_HEAD: &[u8] = b"{\"body\":";
-/// blake3 hashes 64-byte blocks.
+/// blake3 hashes 64-byte blocks, in chunks of 1 KiB.
 const BLOCK: usize = 64;
+const CHUNK: usize = 1024;
 /// How far into a key [`KeyStarts`] looks for a start it shares with others: long system
 /// messages included, short of what is compared and copied costing more than it saves.
 const MOST_START: usize = 4096;
@@ -35,26 +36,42 @@ const MOST_STARTS: usize = 4;
 impl CallKey<'_> {
     /// blake3 of the canonical JSON of this struct (fields in sorted order). The body is
     /// canonical already, so it is hashed as it is: the key costs blake3 over the bytes that
-    /// are sent, and nothing else.
+    /// are sent, and nothing else. The bytes reach the hasher in one update: blake3 hashes
+    /// two or more whole 1 KiB chunks side by side (SIMD) only when one update holds them.
     pub fn digest(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(KEY_HEAD);
-        self.digest_from(hasher, 0)
+        let mut out = CanonicalWriter::new(&mut hasher);
+        out.raw(KEY_HEAD);
+        out.raw(self.body);
+        self.write_rest(&mut out);
+        out.finish();
+        hasher.finalize()
     }
 
-    /// [`CallKey::digest`], starting from the hasher's state after a start of the key's
+    /// [`CallKey::digest`], going on from the hasher's state after a start of the key's
     /// bytes that `starts` remembers: the same digest, without hashing those bytes again.
+    /// Only for keys shorter than two chunks: hashing on from a start goes block by block,
+    /// and a longer key is hashed faster whole, its chunks side by side.
     pub fn digest_with(&self, starts: &KeyStarts) -> blake3::Hash {
+        // The bytes after the body: `,"endpoint":…,"key_version":…,"provider":…}`.
+        let rest = 52 + self.endpoint.len() + self.provider.len();
+        if KEY_HEAD.len() + self.body.len() + rest >= 2 * CHUNK {
+            return self.digest();
+        }
         match starts.state_after(self.body) {
-            Some((hasher, from)) => self.digest_from(hasher, from),
+            Some((mut hasher, from)) => {
+                let mut out = CanonicalWriter::new(&mut hasher);
+                out.raw(&self.body[from..]);
+                self.write_rest(&mut out);
+                out.finish();
+                hasher.finalize()
+            }
             None => self.digest(),
         }
     }
 
-    /// The digest, from a hasher that has taken the key's bytes up to `body[..from]`.
-    fn digest_from(&self, mut hasher: blake3::Hasher, from: usize) -> blake3::Hash {
-        hasher.update(&self.body[from..]);
-        let mut out = CanonicalWriter::new(&mut hasher);
+    /// The key's fields after the body.
+    fn write_rest(&self, out: &mut CanonicalWriter) {
         out.raw(b",\"endpoint\":");
         out.str(self.endpoint);
         out.raw(b",\"key_version\":");
@@ -62,8 +79,6 @@ impl CallKey<'_> {
         out.raw(b",\"provider\":");
         out.str(self.provider);
         out.raw(b"}");
-        out.finish();
-        hasher.finalize()
     }
 }
 
@@ -283,8 +298,11 @@ mod speed {
         )
         .unwrap();
         let body = json!({"model": "bench", "messages": [
-            {"role": "system", "content": "You write question-answer pairs for fine-tuning a language model on documentation."},
-            {"role": "user", "content": "Document: x — y\n\nPassage:\n\"\"\"\n".to_owned() + &"Some words of prose, `code` and [links](http://x).\n".repeat(20) + "\"\"\"\n\nWrite 2 pairs"}],
+            {"role": "system", "content": std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/templates/qa/system.j2"
+            )).unwrap().trim()},
+            {"role": "user", "content": "Document: x — y\n\nPassage:\n\"\"\"\n".to_owned() + &"Some words of prose, `code` and [links](http://x).\n".repeat(14) + "\"\"\"\n\nWrite 2 pairs"}],
             "temperature": 0.7, "seed": 1, "max_tokens": 304,
             "response_format": {"type": "json_schema", "json_schema": {"name": "output", "strict": true, "schema": schema}}});
         let canonical = crate::record::canonical_json(&body);
@@ -311,10 +329,24 @@ mod speed {
             std::hint::black_box(blake3::hash(std::hint::black_box(&bytes)));
         }
         let hash = t.elapsed();
+        // Calls of one stage: the same system message, a user message of their own.
+        let text = String::from_utf8(canonical.clone()).unwrap();
+        let calls: Vec<Vec<u8>> = (0..16)
+            .map(|i| {
+                text.replace("Document: x", &format!("Document: {i:02}"))
+                    .into_bytes()
+            })
+            .collect();
+        let keys: Vec<CallKey> = calls.iter().map(|body| CallKey { body, ..key }).collect();
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            std::hint::black_box(keys[i as usize % keys.len()].digest());
+        }
+        let each = t.elapsed();
         let starts = KeyStarts::default();
         let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(key.digest_with(&starts));
+        for i in 0..n {
+            std::hint::black_box(keys[i as usize % keys.len()].digest_with(&starts));
         }
         let with_start = t.elapsed();
         let t = std::time::Instant::now();
@@ -323,12 +355,14 @@ mod speed {
         }
         let ser = t.elapsed();
         eprintln!(
-            "{} bytes: digest {:?}, from a kept start {:?}, blake3 {:?}, canonical_json {:?} per key",
+            "{} bytes: digest {:?}, blake3 {:?}, canonical_json {:?} per key; calls sharing \
+             their system message: {:?}, from a kept start {:?}",
             bytes.len(),
             digest / n,
-            with_start / n,
             hash / n,
-            ser / n
+            ser / n,
+            each / n,
+            with_start / n
         );
     }
 }

@@ -52,6 +52,8 @@ usage: cargo bench --bench suite -- [options]
                       the figures); default: the work folder under target/
   --serve SECONDS     only start the mock with the options above, print its URL, and stop
                       after SECONDS (for profiling keg by hand)
+  --keg PATH          run this keg binary rather than the one cargo built (to compare two
+                      builds, or to train a profile-guided build: scripts/pgo-profile)
 ";
 
 type Scenario = fn(&mut Bench) -> Result<()>;
@@ -116,6 +118,8 @@ pub struct Options {
     pub keep: bool,
     pub cache_root: Option<PathBuf>,
     pub serve: Option<Duration>,
+    /// The `keg` binary to run; default: the one cargo built with the suite.
+    pub keg: Option<PathBuf>,
 }
 
 impl Options {
@@ -137,6 +141,7 @@ impl Options {
             keep: false,
             cache_root: None,
             serve: None,
+            keg: None,
         };
         let mut args = args.into_iter();
         let number = |name: &str, value: Option<String>| -> Result<f64> {
@@ -182,6 +187,13 @@ impl Options {
                 }
                 "--serve" => {
                     options.serve = Some(Duration::from_secs_f64(number(&arg, args.next())?))
+                }
+                "--keg" => {
+                    let path = PathBuf::from(args.next().context("`--keg` needs a path")?);
+                    if !path.is_file() {
+                        bail!("`--keg {}`: no such file", path.display());
+                    }
+                    options.keg = Some(path);
                 }
                 "-h" | "--help" => {
                     print!("{USAGE}");
@@ -309,9 +321,13 @@ fn run() -> Result<ExitCode> {
     if cfg!(debug_assertions) {
         progress("warning: built without optimizations; run it with `cargo bench`");
     }
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_keg"));
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_keg"));
+    let exe = match &options.keg {
+        Some(path) => std::path::absolute(path)?,
+        None => built.clone(),
+    };
     // <target>/<profile>/keg → <target>/bench-corpus/run-<pid>
-    let target = exe
+    let target = built
         .parent()
         .and_then(Path::parent)
         .context("cannot find the target folder")?

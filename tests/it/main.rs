@@ -4,6 +4,7 @@ mod mock;
 mod mock_selftest;
 mod support;
 
+mod build;
 mod commands;
 mod documents;
 mod errors;

@@ -181,6 +181,9 @@ struct Made {
     /// The records are in the cache and no longer here (when the later stages are fed
     /// document by document, they read them back).
     in_cache: bool,
+    /// The stored size of the records, while they are held for the later stages after
+    /// being kept.
+    held: usize,
 }
 
 impl Document {
@@ -346,19 +349,45 @@ impl Run<'_> {
         };
         let mut running = futures::stream::FuturesUnordered::new();
         let mut failure = None;
-        let streaming = streams.is_some();
+        // The later stages are fed each document as soon as it and every document before it
+        // are made, from memory: a cold run reads no records back. Feeding goes on at the end
+        // from the first document it could not take from memory, kept from an earlier run.
+        let name = |&p: &usize| plan.stages[p].name.as_str();
+        let boundary: Vec<&str> = layout.boundary.iter().map(name).collect();
+        let mut feeder = match (streams, &layout.tree) {
+            (Some(streams), Some(tree)) => Some(Feeder::new(
+                streams,
+                tree,
+                layout.rest.iter().map(name).collect(),
+                boundary.len(),
+            )),
+            _ => None,
+        };
+        let streaming = feeder.is_some();
+        let mut feeding = streaming;
+        // The stored size of the made documents' records held for the feeder.
+        let mut held = 0;
         let done = |documents: &mut Vec<Option<Document>>,
                     keys: &[blake3::Hash],
                     failure: &mut Option<(String, StageError)>,
+                    held: &mut usize,
+                    feeding: bool,
                     (i, result): (usize, Result<Made, (String, StageError)>)| {
             bar.inc(1);
             match result {
                 Ok(mut made) => {
+                    let size = made.stored.len();
                     if keep(shared, &keys[i], &mut made) && streaming {
-                        // Read back when the later stages are fed: held here, every
-                        // document's records would be in memory at once.
-                        made.records = Vec::new();
-                        made.in_cache = true;
+                        if feeding && *held + size <= HOLD_BYTES {
+                            // Fed from memory when the documents before it are.
+                            made.held = size;
+                            *held += size;
+                        } else {
+                            // Read back when the later stages are fed: held here, every
+                            // document's records could be in memory at once.
+                            made.records = Vec::new();
+                            made.in_cache = true;
+                        }
                     }
                     documents[i] = Some(Document::Made(made));
                 }
@@ -368,6 +397,43 @@ impl Run<'_> {
                     Some((_, StageError::Interrupted)) | None => *failure = Some(err),
                     Some(_) => {}
                 },
+            }
+        };
+        // Feeds the documents made since, in order; stops feeding as documents finish at the
+        // first one it would have to read from the cache, or when a later stage fails (which
+        // stops the run).
+        let advance = |documents: &mut Vec<Option<Document>>,
+                       feeder: &mut Option<Feeder<'_>>,
+                       feeding: &mut bool,
+                       held: &mut usize,
+                       failure: &mut Option<(String, StageError)>| {
+            let Some(feeder) = feeder.as_mut().filter(|_| *feeding) else {
+                return;
+            };
+            while let Some(Some(doc)) = documents.get_mut(feeder.fed) {
+                let records = match doc {
+                    Document::Made(made) if !made.in_cache => {
+                        *held -= std::mem::take(&mut made.held);
+                        std::mem::take(&mut made.records)
+                            .into_iter()
+                            .map(|(_, records)| records)
+                            .collect()
+                    }
+                    _ => {
+                        *feeding = false;
+                        return;
+                    }
+                };
+                if let Err((stage, err)) = feeder.push(records) {
+                    *feeding = false;
+                    shared
+                        .stop
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if matches!(failure, Some((_, StageError::Interrupted)) | None) {
+                        *failure = Some((stage, err));
+                    }
+                    return;
+                }
             }
         };
         // On a failure, the documents in flight still finish (their calls are cached); no
@@ -383,7 +449,21 @@ impl Run<'_> {
                 // Run it up to its first wait, so that its calls count before the next
                 // document is considered.
                 if let Some(Some(finished)) = running.next().now_or_never() {
-                    done(&mut documents, &keys, &mut failure, finished);
+                    done(
+                        &mut documents,
+                        &keys,
+                        &mut failure,
+                        &mut held,
+                        feeding,
+                        finished,
+                    );
+                    advance(
+                        &mut documents,
+                        &mut feeder,
+                        &mut feeding,
+                        &mut held,
+                        &mut failure,
+                    );
                 }
                 next = take_next(&mut sources, &mut keys, &mut documents);
             }
@@ -396,7 +476,23 @@ impl Run<'_> {
                 _ => running.next().await,
             };
             match finished {
-                Some(finished) => done(&mut documents, &keys, &mut failure, finished),
+                Some(finished) => {
+                    done(
+                        &mut documents,
+                        &keys,
+                        &mut failure,
+                        &mut held,
+                        feeding,
+                        finished,
+                    );
+                    advance(
+                        &mut documents,
+                        &mut feeder,
+                        &mut feeding,
+                        &mut held,
+                        &mut failure,
+                    );
+                }
                 None if more => continue,
                 None => break,
             }
@@ -446,15 +542,10 @@ impl Run<'_> {
             return Ok(());
         }
 
-        if let (Some(streams), Some(tree)) = (streams, &layout.tree) {
+        if let Some(feeder) = feeder {
             // Something changed: the later stages read every document's records, one
             // document at a time.
-            let name = |&p: &usize| plan.stages[p].name.as_str();
-            let boundary: Vec<&str> = layout.boundary.iter().map(name).collect();
-            let names: Vec<&str> = layout.rest.iter().map(name).collect();
-            let counts = feed(
-                shared, &boundary, &sources, documents, streams, tree, &names,
-            )?;
+            let counts = feed(shared, &boundary, &sources, documents, feeder)?;
             for ((&pos, fed), (records_in, records_out)) in
                 layout.rest.iter().zip(&tail_stats).zip(counts)
             {
@@ -704,6 +795,7 @@ async fn run_document(
         usage,
         digest,
         in_cache: false,
+        held: 0,
     })
 }
 
@@ -784,28 +876,111 @@ const READ_AHEAD: usize = 32;
 /// Documents handed to the later stages per batch: small, so little is held at once.
 const FEED_BATCH: usize = 16;
 
-/// Feed the later stages every document's records (those of the `boundary` stages),
-/// document by document in order, then finish them. `tree` says what each stage reads
+/// The stored size of made documents' records the runner holds, at most, while a document
+/// before them is still being made: past it, they are read back from the cache when their
+/// turn comes.
+const HOLD_BYTES: usize = 32 << 20;
+
+/// The later stages fed document by document, in order. `tree` says what each stage reads
 /// ([`Layout::tree`]); a stage read by several gives each its own copy of its records.
-/// Records in the cache are read back and parsed on the other cores a few batches ahead of
-/// the stages, which run on this thread. Returns each stage's records in and out.
+struct Feeder<'a> {
+    streams: Vec<Box<dyn Streamed + 'a>>,
+    tree: &'a [usize],
+    names: Vec<&'a str>,
+    /// How many stages read each slot: the later stages', then the boundary stages'.
+    read_by: Vec<usize>,
+    /// Each slot's records until its last reader takes them, so every slot is empty again
+    /// after each document.
+    outputs: Vec<Vec<Record>>,
+    left: Vec<usize>,
+    /// Each stage's records in and out.
+    counts: Vec<(usize, usize)>,
+    /// How many documents, from the first, have been fed.
+    fed: usize,
+}
+
+impl<'a> Feeder<'a> {
+    fn new(
+        streams: Vec<Box<dyn Streamed + 'a>>,
+        tree: &'a [usize],
+        names: Vec<&'a str>,
+        boundary: usize,
+    ) -> Self {
+        let mut read_by = vec![0; streams.len() + boundary];
+        for &from in tree {
+            read_by[from] += 1;
+        }
+        Feeder {
+            outputs: vec![Vec::new(); read_by.len()],
+            left: read_by.clone(),
+            read_by,
+            counts: vec![(0, 0); streams.len()],
+            streams,
+            tree,
+            names,
+            fed: 0,
+        }
+    }
+
+    /// Feed the next document: its records of each boundary stage, in order.
+    fn push(&mut self, records: Vec<Vec<Record>>) -> Result<(), (String, StageError)> {
+        let boundary_slots = self.streams.len();
+        for (slot, records) in self.outputs[boundary_slots..].iter_mut().zip(records) {
+            *slot = records;
+        }
+        self.left.copy_from_slice(&self.read_by);
+        for (i, ((stream, count), name)) in self
+            .streams
+            .iter_mut()
+            .zip(&mut self.counts)
+            .zip(&self.names)
+            .enumerate()
+        {
+            let from = self.tree[i];
+            self.left[from] -= 1;
+            let input = if self.left[from] == 0 {
+                std::mem::take(&mut self.outputs[from])
+            } else {
+                self.outputs[from].clone()
+            };
+            count.0 += input.len();
+            let output = stream.push(input).map_err(|err| (name.to_string(), err))?;
+            count.1 += output.len();
+            if self.read_by[i] > 0 {
+                self.outputs[i] = output;
+            }
+        }
+        self.fed += 1;
+        Ok(())
+    }
+
+    /// No more documents: the stages write what is left. Returns each stage's records in
+    /// and out.
+    fn finish(self) -> Result<Vec<(usize, usize)>, RunError> {
+        for (stream, name) in self.streams.into_iter().zip(&self.names) {
+            stream
+                .finish()
+                .map_err(|err| RunError::of_stage(name, err))?;
+        }
+        Ok(self.counts)
+    }
+}
+
+/// Feed the later stages the records (those of the `boundary` stages) of every document
+/// the feeder has not had yet, in order, then finish them. Records in the cache are read
+/// back and parsed on the other cores a few batches ahead of the stages, which run on this
+/// thread.
 fn feed(
     shared: &RunShared,
     boundary: &[&str],
     sources: &[Arc<str>],
     mut documents: Vec<Document>,
-    mut streams: Vec<Box<dyn Streamed + '_>>,
-    tree: &[usize],
-    names: &[&str],
+    mut feeder: Feeder<'_>,
 ) -> Result<Vec<(usize, usize)>, RunError> {
-    // How many stages read each slot: the later stages', then the boundary stages'.
-    let mut read_by = vec![0; streams.len() + boundary.len()];
-    for &from in tree {
-        read_by[from] += 1;
-    }
+    let from = feeder.fed;
     // Documents made in this run whose records were not kept hand them over from memory
     // (`Made::records` holds the boundary stages' in order).
-    let mut held: Vec<Option<Vec<Vec<Record>>>> = documents
+    let mut held: Vec<Option<Vec<Vec<Record>>>> = documents[from..]
         .iter_mut()
         .map(|doc| match doc {
             Document::Made(made) if !made.in_cache => Some(
@@ -817,7 +992,8 @@ fn feed(
             _ => None,
         })
         .collect();
-    let documents = &documents;
+    let documents = &documents[from..];
+    let sources = &sources[from..];
     // This thread feeds the stages the whole time and keeps a core busy; the readers share
     // the others. A reader per core besides ran three threads on two cores, each reader
     // with a fresh heap and SQLite connection, and saved no time: feeding is the slower
@@ -831,7 +1007,13 @@ fn feed(
     std::thread::scope(|scope| {
         // Reader `w` reads batches w, w + readers, …, each into a channel of its own, so
         // this thread takes them in order and no reader runs more than two batches ahead.
+        // No reader starts when every document left is in memory.
+        let reading = documents.iter().any(|doc| match doc {
+            Document::Kept(_) => true,
+            Document::Made(made) => made.in_cache,
+        });
         let receivers: Vec<mpsc::Receiver<Batch>> = (0..readers)
+            .filter(|_| reading)
             .map(|w| {
                 let (sender, receiver) = mpsc::sync_channel::<Batch>(2);
                 scope.spawn(move || {
@@ -862,57 +1044,27 @@ fn feed(
                 receiver
             })
             .collect();
-        let mut counts = vec![(0, 0); streams.len()];
-        // Each slot's records until its last reader takes them, so every slot is empty
-        // again after each document; the boundary stages' slots come after the later ones'.
-        let mut outputs: Vec<Vec<Record>> = vec![Vec::new(); read_by.len()];
-        let mut left = read_by.clone();
-        let boundary_slots = streams.len();
         for b in 0..batches {
-            let batch = receivers[b % readers]
-                .recv()
-                .map_err(|_| RunError::Cache {
+            let batch = match receivers.get(b % readers) {
+                Some(receiver) => receiver.recv().map_err(|_| RunError::Cache {
                     path: std::path::PathBuf::from(DOCUMENT_RECORDS_BUCKET),
                     source: std::io::Error::other("a thread reading the cache stopped"),
-                })??;
+                })??,
+                None => vec![None; FEED_BATCH.min(documents.len() - b * FEED_BATCH)],
+            };
             for (k, records) in batch.into_iter().enumerate() {
                 let records = records
                     .or_else(|| held[b * FEED_BATCH + k].take())
                     .unwrap_or_default();
-                for (slot, records) in outputs[boundary_slots..].iter_mut().zip(records) {
-                    *slot = records;
-                }
-                left.copy_from_slice(&read_by);
-                for (i, ((stream, count), name)) in
-                    streams.iter_mut().zip(&mut counts).zip(names).enumerate()
-                {
-                    let from = tree[i];
-                    left[from] -= 1;
-                    let input = if left[from] == 0 {
-                        std::mem::take(&mut outputs[from])
-                    } else {
-                        outputs[from].clone()
-                    };
-                    count.0 += input.len();
-                    let output = stream
-                        .push(input)
-                        .map_err(|err| RunError::of_stage(name, err))?;
-                    count.1 += output.len();
-                    if read_by[i] > 0 {
-                        outputs[i] = output;
-                    }
-                }
+                feeder
+                    .push(records)
+                    .map_err(|(name, err)| RunError::of_stage(&name, err))?;
             }
         }
         if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(RunError::Interrupted);
         }
-        for (stream, name) in streams.into_iter().zip(names) {
-            stream
-                .finish()
-                .map_err(|err| RunError::of_stage(name, err))?;
-        }
-        Ok(counts)
+        feeder.finish()
     })
 }
 

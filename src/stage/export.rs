@@ -257,11 +257,34 @@ struct Output {
     writer: BufWriter<Hashing>,
 }
 
+/// How many bytes of rows an output holds before it makes its temp file: a run stopped
+/// before then (killed, interrupted, or failed) leaves no file behind, not even its folder.
+const OUTPUT_BUFFER: usize = 256 * 1024;
+
 struct Hashing {
+    /// The folder of the temp file; `None` in a plan.
+    dir: Option<PathBuf>,
+    /// Made when the buffer first goes to it, or when the output is finished.
     file: Option<tempfile::NamedTempFile>,
     hasher: blake3::Hasher,
 }
 
+impl Hashing {
+    /// The temp file, made now (and its folder) when it is due and not made yet.
+    fn make_file(&mut self) -> std::io::Result<()> {
+        if let (Some(dir), None) = (&self.dir, &self.file) {
+            std::fs::create_dir_all(dir)?;
+            let temp = tempfile::Builder::new()
+                .prefix(".keg-tmp")
+                .tempfile_in(dir)?;
+            self.file = Some(temp);
+        }
+        Ok(())
+    }
+}
+
+/// Bytes reach no file before [`Output`] makes it: a plan's, and those of an output
+/// dropped unfinished.
 impl Write for Hashing {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = match &mut self.file {
@@ -289,36 +312,43 @@ struct Finished {
 }
 
 impl Output {
-    /// `write: false` (a plan) counts and hashes rows but creates no file.
+    /// `write: false` (a plan) counts and hashes rows but creates no file. The temp file is
+    /// made once [`OUTPUT_BUFFER`] bytes of rows are waiting, or when the output finishes.
     fn create(path: PathBuf, write: bool) -> Result<Output, StageError> {
-        let file = if write {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let temp = tempfile::Builder::new()
-                .prefix(".keg-tmp")
-                .tempfile_in(dir)
-                .map_err(|e| StageError::io(dir, e))?;
-            Some(temp)
-        } else {
-            None
-        };
+        let dir = write.then(|| path.parent().unwrap_or(Path::new(".")).to_owned());
         let hashing = Hashing {
-            file,
+            dir,
+            file: None,
             hasher: blake3::Hasher::new(),
         };
         Ok(Output {
             path,
             rows: 0,
-            writer: BufWriter::with_capacity(256 * 1024, hashing),
+            writer: BufWriter::with_capacity(OUTPUT_BUFFER, hashing),
+        })
+    }
+
+    /// Makes the temp file, naming its folder when that fails.
+    fn make_file(&mut self) -> Result<(), StageError> {
+        let hashing = self.writer.get_mut();
+        hashing.make_file().map_err(|e| {
+            let dir = hashing.dir.as_deref().unwrap_or(Path::new("."));
+            StageError::io(dir, e)
         })
     }
 
     fn push(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        if bytes.len() >= self.writer.capacity() - self.writer.buffer().len() {
+            // The buffer (or the bytes, when as long as it) may go to the file now.
+            self.make_file()?;
+        }
         self.writer
             .write_all(bytes)
             .map_err(|e| StageError::io(&self.path, e))
     }
 
-    fn finish(self) -> Result<Finished, StageError> {
+    fn finish(mut self) -> Result<Finished, StageError> {
+        self.make_file()?;
         let Output { path, rows, writer } = self;
         let hashing = writer
             .into_inner()
@@ -437,10 +467,6 @@ impl<'a> Streaming<'a> {
     fn open(&mut self) -> Result<&mut Open<'a>, StageError> {
         if self.open.is_none() {
             let compiled = self.stage.compile()?;
-            if self.write {
-                let dir = Path::new(&self.stage.config.dir);
-                std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
-            }
             // Every split named upstream gets a file, even an empty one, so that a split
             // that emptied out does not leave last run's file behind.
             let mut files = IndexMap::new();
@@ -752,6 +778,54 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o644);
         }
+    }
+
+    #[test]
+    fn an_output_makes_its_file_and_folder_only_when_its_buffer_fills_or_it_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        // Dropped unfinished (a run stopped or failed) under a buffer's worth: nothing on disk.
+        let mut output = Output::create(out.join("train.jsonl"), true).unwrap();
+        output.push(b"{\"a\":1}\n").unwrap();
+        drop(output);
+        assert!(!out.exists());
+        // Past a buffer's worth the rows go to a temp file, removed when dropped unfinished.
+        let mut output = Output::create(out.join("train.jsonl"), true).unwrap();
+        let row = [b'x'; 1000];
+        for _ in 0..OUTPUT_BUFFER / row.len() {
+            output.push(&row).unwrap();
+            assert!(!out.exists());
+        }
+        output.push(&row).unwrap();
+        let names = listing(&out);
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with(".keg-tmp"), "{names:?}");
+        drop(output);
+        assert!(listing(&out).is_empty());
+        // An empty output finished is an empty file.
+        let finished = Output::create(out.join("test.jsonl"), true)
+            .unwrap()
+            .finish()
+            .unwrap();
+        commit(vec![finished]).unwrap();
+        assert_eq!(std::fs::read(out.join("test.jsonl")).unwrap(), b"");
+        // A row as long as the buffer goes past it, to the file.
+        let mut output = Output::create(out.join("valid.jsonl"), true).unwrap();
+        output.push(&vec![b'y'; OUTPUT_BUFFER]).unwrap();
+        commit(vec![output.finish().unwrap()]).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("valid.jsonl")).unwrap().len(),
+            OUTPUT_BUFFER
+        );
+        // A folder that cannot be made is named when the file is due.
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, "a file").unwrap();
+        let err = Output::create(blocked.join("train.jsonl"), true)
+            .unwrap()
+            .finish()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("blocked"), "{err}");
     }
 
     #[test]

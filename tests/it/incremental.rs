@@ -450,9 +450,8 @@ stages:
 ///   `out-whole` and `out-whole-chunks`): the stages after the per-document ones run whole,
 ///   on every record at once. `unique` drops the second copy of every record, so what it
 ///   keeps is what the others keep.
-fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
-    let mock = MockLlm::start(Behavior::default());
-    ws.write("chain.yaml", pipeline_without_paths(ws, &mock, "out", ""));
+fn run_chained_forked_and_whole(ws: &Workspace, mock: &MockLlm) -> [Output; 3] {
+    ws.write("chain.yaml", pipeline_without_paths(ws, mock, "out", ""));
     let chunks = |dir: &str| {
         format!(
             "  pieces: {{kind: export, inputs: [chunks], dir: {dir}, prompt: path, completion: text}}\n"
@@ -462,7 +461,7 @@ fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
         "  chat: {{kind: export, inputs: [splits], dir: out-chat, format: chat, prompt: question, completion: answer}}\n{}",
         chunks("out-fork-chunks")
     );
-    let fork = pipeline_without_paths(ws, &mock, "out-fork", &fork).replace(
+    let fork = pipeline_without_paths(ws, mock, "out-fork", &fork).replace(
         "splits: {kind: split, inputs: [unique]",
         &format!(
             "checked: {{kind: validate, inputs: [unique], schema: {}}}\n  \
@@ -472,7 +471,7 @@ fn run_chained_forked_and_whole(ws: &Workspace) -> [Output; 3] {
     );
     assert!(fork.contains("inputs: [checked]"));
     ws.write("fork.yaml", fork);
-    let whole = pipeline_without_paths(ws, &mock, "out-whole", &chunks("out-whole-chunks"))
+    let whole = pipeline_without_paths(ws, mock, "out-whole", &chunks("out-whole-chunks"))
         .replace("inputs: [pairs]", "inputs: [pairs, pairs]");
     assert!(whole.contains("inputs: [pairs, pairs]"));
     ws.write("whole.yaml", whole);
@@ -531,7 +530,8 @@ fn later_stages_fed_document_by_document_write_what_running_them_whole_writes() 
     // questions, and only the first document keeps them.
     let ws = workspace_with_docs();
     ws.write("docs/zz-copy-of-ledger.md", sample_doc("ledger"));
-    let outputs = run_chained_forked_and_whole(&ws);
+    let mock = MockLlm::start(Behavior::default());
+    let outputs = run_chained_forked_and_whole(&ws, &mock);
 
     // 5 documents × 3 sections, 3 questions each; the copy's 9 are dropped.
     let rows = |dir: &str| -> Vec<String> {
@@ -601,8 +601,40 @@ fn later_stages_fed_over_many_batches_keep_document_order() {
         ws.write(&format!("docs/{topic}.md"), sample_doc(&topic));
     }
     ws.write("docs/zz-copy-of-extra00.md", sample_doc("extra00"));
-    let outputs = run_chained_forked_and_whole(&ws);
+    let mock = MockLlm::start(Behavior::default());
+    let outputs = run_chained_forked_and_whole(&ws, &mock);
     assert_same_outputs(&ws, 120);
     // 40 documents × 3 sections × 3 questions; the copy's 9 are dropped.
     assert_dropped(&outputs, "360 → 351 records (9 duplicates dropped)");
+    let before = ws.read("out/train.jsonl") + &ws.read("out/test.jsonl");
+
+    // In a first run the later stages take each document from memory as it is made. After
+    // an edit to the first document they take it so, then read the 39 kept ones back.
+    ws.write(
+        "docs/billing.md",
+        format!("{}\nOne more line at the end.\n", sample_doc("billing")),
+    );
+    mock.reset();
+    for file in ["chain.yaml", "whole.yaml"] {
+        let output = ws.keg(&["run", file]);
+        crate::support::assert_success(&output);
+        let summary = stderr(&output);
+        assert!(
+            summary.contains("39 of 40 documents unchanged since an earlier run: skipped"),
+            "{summary}"
+        );
+    }
+    assert_eq!(mock.requests(), 1);
+    for name in ["train.jsonl", "test.jsonl", "rejects.jsonl"] {
+        assert_eq!(
+            ws.read(&format!("out/{name}")),
+            ws.read(&format!("out-whole/{name}")),
+            "{name}"
+        );
+    }
+    assert_ne!(
+        ws.read("out/train.jsonl") + &ws.read("out/test.jsonl"),
+        before,
+        "the edit changed no row"
+    );
 }

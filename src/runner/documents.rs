@@ -354,34 +354,35 @@ impl Run<'_> {
         // from the first document it could not take from memory, kept from an earlier run.
         let name = |&p: &usize| plan.stages[p].name.as_str();
         let boundary: Vec<&str> = layout.boundary.iter().map(name).collect();
-        let mut feeder = match (streams, &layout.tree) {
-            (Some(streams), Some(tree)) => Some(Feeder::new(
-                streams,
-                tree,
-                layout.rest.iter().map(name).collect(),
-                boundary.len(),
-            )),
-            _ => None,
+        let mut feeding = Feeding {
+            feeder: match (streams, &layout.tree) {
+                (Some(streams), Some(tree)) => Some(Feeder::new(
+                    streams,
+                    tree,
+                    layout.rest.iter().map(name).collect(),
+                    boundary.len(),
+                )),
+                _ => None,
+            },
+            active: false,
+            held: 0,
         };
-        let streaming = feeder.is_some();
-        let mut feeding = streaming;
-        // The stored size of the made documents' records held for the feeder.
-        let mut held = 0;
+        let streaming = feeding.feeder.is_some();
+        feeding.active = streaming;
         let done = |documents: &mut Vec<Option<Document>>,
                     keys: &[blake3::Hash],
                     failure: &mut Option<(String, StageError)>,
-                    held: &mut usize,
-                    feeding: bool,
+                    feeding: &mut Feeding<'_>,
                     (i, result): (usize, Result<Made, (String, StageError)>)| {
             bar.inc(1);
             match result {
                 Ok(mut made) => {
                     let size = made.stored.len();
                     if keep(shared, &keys[i], &mut made) && streaming {
-                        if feeding && *held + size <= HOLD_BYTES {
+                        if feeding.active && feeding.held + size <= HOLD_BYTES {
                             // Fed from memory when the documents before it are.
                             made.held = size;
-                            *held += size;
+                            feeding.held += size;
                         } else {
                             // Read back when the later stages are fed: held here, every
                             // document's records could be in memory at once.
@@ -390,6 +391,15 @@ impl Run<'_> {
                         }
                     }
                     documents[i] = Some(Document::Made(made));
+                    if let Err(err) = feeding.advance(documents) {
+                        // The run stops, as on a fatal error in a document.
+                        shared
+                            .stop
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        if matches!(failure, Some((_, StageError::Interrupted)) | None) {
+                            *failure = Some(err);
+                        }
+                    }
                 }
                 // A fatal error stops the other documents, which then end as interrupted:
                 // report the cause.
@@ -397,43 +407,6 @@ impl Run<'_> {
                     Some((_, StageError::Interrupted)) | None => *failure = Some(err),
                     Some(_) => {}
                 },
-            }
-        };
-        // Feeds the documents made since, in order; stops feeding as documents finish at the
-        // first one it would have to read from the cache, or when a later stage fails (which
-        // stops the run).
-        let advance = |documents: &mut Vec<Option<Document>>,
-                       feeder: &mut Option<Feeder<'_>>,
-                       feeding: &mut bool,
-                       held: &mut usize,
-                       failure: &mut Option<(String, StageError)>| {
-            let Some(feeder) = feeder.as_mut().filter(|_| *feeding) else {
-                return;
-            };
-            while let Some(Some(doc)) = documents.get_mut(feeder.fed) {
-                let records = match doc {
-                    Document::Made(made) if !made.in_cache => {
-                        *held -= std::mem::take(&mut made.held);
-                        std::mem::take(&mut made.records)
-                            .into_iter()
-                            .map(|(_, records)| records)
-                            .collect()
-                    }
-                    _ => {
-                        *feeding = false;
-                        return;
-                    }
-                };
-                if let Err((stage, err)) = feeder.push(records) {
-                    *feeding = false;
-                    shared
-                        .stop
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    if matches!(failure, Some((_, StageError::Interrupted)) | None) {
-                        *failure = Some((stage, err));
-                    }
-                    return;
-                }
             }
         };
         // On a failure, the documents in flight still finish (their calls are cached); no
@@ -449,21 +422,7 @@ impl Run<'_> {
                 // Run it up to its first wait, so that its calls count before the next
                 // document is considered.
                 if let Some(Some(finished)) = running.next().now_or_never() {
-                    done(
-                        &mut documents,
-                        &keys,
-                        &mut failure,
-                        &mut held,
-                        feeding,
-                        finished,
-                    );
-                    advance(
-                        &mut documents,
-                        &mut feeder,
-                        &mut feeding,
-                        &mut held,
-                        &mut failure,
-                    );
+                    done(&mut documents, &keys, &mut failure, &mut feeding, finished);
                 }
                 next = take_next(&mut sources, &mut keys, &mut documents);
             }
@@ -476,23 +435,7 @@ impl Run<'_> {
                 _ => running.next().await,
             };
             match finished {
-                Some(finished) => {
-                    done(
-                        &mut documents,
-                        &keys,
-                        &mut failure,
-                        &mut held,
-                        feeding,
-                        finished,
-                    );
-                    advance(
-                        &mut documents,
-                        &mut feeder,
-                        &mut feeding,
-                        &mut held,
-                        &mut failure,
-                    );
-                }
+                Some(finished) => done(&mut documents, &keys, &mut failure, &mut feeding, finished),
                 None if more => continue,
                 None => break,
             }
@@ -542,7 +485,7 @@ impl Run<'_> {
             return Ok(());
         }
 
-        if let Some(feeder) = feeder {
+        if let Some(feeder) = feeding.feeder {
             // Something changed: the later stages read every document's records, one
             // document at a time.
             let counts = feed(shared, &boundary, &sources, documents, feeder)?;
@@ -875,6 +818,48 @@ const READ_AHEAD: usize = 32;
 
 /// Documents handed to the later stages per batch: small, so little is held at once.
 const FEED_BATCH: usize = 16;
+
+/// The later stages' feeder while the documents run, and whether it still takes each
+/// document as it is made.
+struct Feeding<'a> {
+    feeder: Option<Feeder<'a>>,
+    /// False once feeding waits for the end: from a document kept from an earlier run (or
+    /// one read back), or after a later stage failed.
+    active: bool,
+    /// The stored size of the made documents' records held for the feeder.
+    held: usize,
+}
+
+impl Feeding<'_> {
+    /// Feed the documents made since, in order, up to the first not made yet; stop feeding
+    /// as documents finish at the first one the feeder would have to read from the cache.
+    /// A later stage's error stops it too, and is returned with the stage's name.
+    fn advance(&mut self, documents: &mut [Option<Document>]) -> Result<(), (String, StageError)> {
+        let Some(feeder) = self.feeder.as_mut().filter(|_| self.active) else {
+            return Ok(());
+        };
+        while let Some(Some(doc)) = documents.get_mut(feeder.fed) {
+            let Document::Made(made) = doc else {
+                self.active = false;
+                return Ok(());
+            };
+            if made.in_cache {
+                self.active = false;
+                return Ok(());
+            }
+            self.held -= std::mem::take(&mut made.held);
+            let records = std::mem::take(&mut made.records)
+                .into_iter()
+                .map(|(_, records)| records)
+                .collect();
+            if let Err(err) = feeder.push(records) {
+                self.active = false;
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The stored size of made documents' records the runner holds, at most, while a document
 /// before them is still being made: past it, they are read back from the cache when their

@@ -354,21 +354,21 @@ impl Run<'_> {
         // from the first document it could not take from memory, kept from an earlier run.
         let name = |&p: &usize| plan.stages[p].name.as_str();
         let boundary: Vec<&str> = layout.boundary.iter().map(name).collect();
+        let feeder = match (streams, &layout.tree) {
+            (Some(streams), Some(tree)) => Some(Feeder::new(
+                streams,
+                tree,
+                layout.rest.iter().map(name).collect(),
+                boundary.len(),
+            )),
+            _ => None,
+        };
+        let streaming = feeder.is_some();
         let mut feeding = Feeding {
-            feeder: match (streams, &layout.tree) {
-                (Some(streams), Some(tree)) => Some(Feeder::new(
-                    streams,
-                    tree,
-                    layout.rest.iter().map(name).collect(),
-                    boundary.len(),
-                )),
-                _ => None,
-            },
-            active: false,
+            feeder,
+            active: streaming,
             held: 0,
         };
-        let streaming = feeding.feeder.is_some();
-        feeding.active = streaming;
         let done = |documents: &mut Vec<Option<Document>>,
                     keys: &[blake3::Hash],
                     failure: &mut Option<(String, StageError)>,

@@ -186,6 +186,16 @@ struct Made {
     held: usize,
 }
 
+impl Made {
+    /// The records of each boundary stage, in `Layout::boundary`'s order, taken.
+    fn take_records(&mut self) -> Vec<Vec<Record>> {
+        std::mem::take(&mut self.records)
+            .into_iter()
+            .map(|(_, records)| records)
+            .collect()
+    }
+}
+
 impl Document {
     fn digest(&self) -> &str {
         match self {
@@ -848,11 +858,7 @@ impl Feeding<'_> {
                 return Ok(());
             }
             self.held -= std::mem::take(&mut made.held);
-            let records = std::mem::take(&mut made.records)
-                .into_iter()
-                .map(|(_, records)| records)
-                .collect();
-            if let Err(err) = feeder.push(records) {
+            if let Err(err) = feeder.push(made.take_records()) {
                 self.active = false;
                 return Err(err);
             }
@@ -963,17 +969,12 @@ fn feed(
     mut feeder: Feeder<'_>,
 ) -> Result<Vec<(usize, usize)>, RunError> {
     let from = feeder.fed;
-    // Documents made in this run whose records were not kept hand them over from memory
-    // (`Made::records` holds the boundary stages' in order).
+    // Documents made in this run whose records are still here (not kept, or held for the
+    // feeder) hand them over from memory.
     let mut held: Vec<Option<Vec<Vec<Record>>>> = documents[from..]
         .iter_mut()
         .map(|doc| match doc {
-            Document::Made(made) if !made.in_cache => Some(
-                std::mem::take(&mut made.records)
-                    .into_iter()
-                    .map(|(_, records)| records)
-                    .collect(),
-            ),
+            Document::Made(made) if !made.in_cache => Some(made.take_records()),
             _ => None,
         })
         .collect();

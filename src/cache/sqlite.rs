@@ -63,8 +63,12 @@ CREATE TABLE IF NOT EXISTS keys (
     key BLOB NOT NULL,
     PRIMARY KEY (bucket, id)
 ) WITHOUT ROWID;";
-const INSERT_BLOB: &str = "INSERT INTO blobs (key, value) VALUES (?1, ?2)";
-const INSERT_KEY: &str = "INSERT INTO keys (bucket, id, key) VALUES (?1, ?2, ?3)";
+/// The starts of the statements that append entries, several rows at a time (see
+/// [`append`]). `OR FAIL`: a row that fails ends the statement without undoing the rows
+/// before it, so SQLite keeps no statement journal to undo them (copies of the pages they
+/// touch); the batch's whole transaction is rolled back instead.
+const INSERT_BLOB: &str = "INSERT OR FAIL INTO blobs (key, value) VALUES";
+const INSERT_KEY: &str = "INSERT OR FAIL INTO keys (bucket, id, key) VALUES";
 const SELECT: &str = "SELECT key, value FROM blobs WHERE id = ?1";
 /// A key written again replaces its row; the key is compared, so a row whose key only
 /// shares the first 8 bytes is kept.
@@ -165,6 +169,8 @@ impl DiskStore {
         let path = root.join(DATABASE);
         let mut conn = connect(&path, true)?;
         set_up(&mut conn).map_err(sql)?;
+        // Room for every statement the writer uses (`append` keeps up to 14).
+        conn.set_prepared_statement_cache_capacity(32);
         import_layout_2(root, &mut conn)?;
         import_layout_1(root, &mut conn)?;
         let shared = Arc::new(Shared::default());
@@ -649,14 +655,21 @@ fn write_batch(
             })
             .collect()
     };
+    let written: Vec<Entry> = puts
+        .iter()
+        .zip(&latest)
+        .filter(|(_, latest)| **latest)
+        .map(|(put, _)| (put.bucket.as_str(), &put.key[..], &put.value[..]))
+        .collect();
+    let mut new_ids = append(&tx, &written)?.into_iter();
     let mut ids = Vec::with_capacity(puts.len());
-    let mut appender = Appender::new(&tx)?;
     for ((put, old), latest) in puts.iter().zip(&old).zip(latest) {
         if !latest {
             ids.push(None);
             continue;
         }
-        ids.push(Some(appender.insert(&put.bucket, &put.key, &put.value)?));
+        ids.push(new_ids.next());
+        // Rows written before this batch: their ids are below every new one.
         for old in old.iter().flatten() {
             tx.prepare_cached(DELETE_BLOB)?
                 .execute(params![old, &put.key[..]])?;
@@ -664,32 +677,62 @@ fn write_batch(
                 .execute(params![put.bucket, old, &put.key[..]])?;
         }
     }
-    drop(appender);
     tx.commit()?;
     Ok(ids)
 }
 
-/// The two statements that append an entry, taken from the statement cache once per
-/// batch rather than once per entry.
-struct Appender<'c> {
-    blob: rusqlite::CachedStatement<'c>,
-    key: rusqlite::CachedStatement<'c>,
+/// The most entries one pair of statements appends.
+const MOST_ROWS: usize = 64;
+
+/// An entry to append: its bucket, key and value.
+type Entry<'a> = (&'a str, &'a [u8], &'a [u8]);
+
+/// Append the entries, in order; their ids. A statement of several rows costs SQLite its
+/// set-up once (the cursors, the schema check, `sqlite_sequence`'s update) rather than
+/// once per row: entries go in groups of [`MOST_ROWS`], then of the powers of two the rest
+/// adds up to, so that at most 2 × 7 statements are kept prepared.
+fn append(conn: &Connection, entries: &[Entry]) -> rusqlite::Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let rows = if rest.len() >= MOST_ROWS {
+            MOST_ROWS
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (group, after) = rest.split_at(rows);
+        let mut blobs = conn.prepare_cached(&insert_rows(INSERT_BLOB, "(?, ?)", rows))?;
+        for (n, (_, key, value)) in group.iter().enumerate() {
+            blobs.raw_bind_parameter(2 * n + 1, key)?;
+            blobs.raw_bind_parameter(2 * n + 2, value)?;
+        }
+        blobs.raw_execute()?;
+        // Under the write lock, with AUTOINCREMENT, the rows of one statement take
+        // consecutive ids, in the order given.
+        let last = conn.last_insert_rowid();
+        let first = last - rows as i64 + 1;
+        let mut keys = conn.prepare_cached(&insert_rows(INSERT_KEY, "(?, ?, ?)", rows))?;
+        for (n, ((bucket, key, _), id)) in group.iter().zip(first..).enumerate() {
+            keys.raw_bind_parameter(3 * n + 1, bucket)?;
+            keys.raw_bind_parameter(3 * n + 2, id)?;
+            keys.raw_bind_parameter(3 * n + 3, key)?;
+        }
+        keys.raw_execute()?;
+        ids.extend(first..=last);
+        rest = after;
+    }
+    Ok(ids)
 }
 
-impl<'c> Appender<'c> {
-    fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
-        Ok(Appender {
-            blob: conn.prepare_cached(INSERT_BLOB)?,
-            key: conn.prepare_cached(INSERT_KEY)?,
-        })
+/// `insert` (ending in `VALUES`) with `rows` rows of `row`.
+fn insert_rows(insert: &str, row: &str, rows: usize) -> String {
+    let mut sql = String::with_capacity(insert.len() + rows * (row.len() + 1));
+    sql.push_str(insert);
+    for n in 0..rows {
+        sql.push_str(if n == 0 { " " } else { "," });
+        sql.push_str(row);
     }
-
-    /// Append one entry; its id.
-    fn insert(&mut self, bucket: &str, key: &[u8], value: &[u8]) -> rusqlite::Result<i64> {
-        let id = self.blob.insert(params![key, value])?;
-        self.key.execute(params![bucket, id, key])?;
-        Ok(id)
-    }
+    sql
 }
 
 /// Make a new database ready, or check an existing one is. Several processes may open a
@@ -792,25 +835,20 @@ fn import_layout_1(root: &Path, conn: &mut Connection) -> io::Result<()> {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        {
-            let mut appender = Appender::new(&tx).map_err(sql)?;
-            for entry in walkdir::WalkDir::new(&bucket).into_iter().flatten() {
-                let file_name = entry.file_name().to_string_lossy();
-                let Ok(key) = blake3::Hash::from_hex(file_name.as_bytes()) else {
-                    continue; // a temp file of an interrupted write, or something foreign
-                };
-                if !entry.file_type().is_file() {
-                    continue;
-                }
-                let value = match std::fs::read(entry.path()) {
-                    Ok(value) => value,
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                    Err(err) => return Err(err),
-                };
-                appender
-                    .insert(&name, key.as_bytes(), &value)
-                    .map_err(sql)?;
+        for entry in walkdir::WalkDir::new(&bucket).into_iter().flatten() {
+            let file_name = entry.file_name().to_string_lossy();
+            let Ok(key) = blake3::Hash::from_hex(file_name.as_bytes()) else {
+                continue; // a temp file of an interrupted write, or something foreign
+            };
+            if !entry.file_type().is_file() {
+                continue;
             }
+            let value = match std::fs::read(entry.path()) {
+                Ok(value) => value,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            append(&tx, &[(&name, key.as_bytes(), &value)]).map_err(sql)?;
         }
         tx.commit().map_err(sql)?;
         match std::fs::remove_dir_all(&bucket) {
@@ -1127,6 +1165,72 @@ mod tests {
         );
         let store = DiskStore::open(dir.path()).unwrap();
         assert_eq!(value(&store, "outputs-v1", &key), Some(b"third".to_vec()));
+    }
+
+    /// One batch of 100 entries goes in as statements of 64, 32 and 4 rows: each entry gets
+    /// the next id in the order it was put, in whichever bucket, and its key row that id.
+    #[test]
+    fn a_batch_of_many_entries_takes_ids_in_the_order_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let old = blake3::hash(b"old");
+        put_now(&store, "calls-v1", &old, b"old");
+        assert_eq!(
+            store.row_of("calls-v1", old.as_bytes(), false).unwrap(),
+            Some(1)
+        );
+        // Every tenth to another bucket; entry 55 replaces `old`; the last puts entry 7's
+        // key again, so entry 7 is not written.
+        let entries: Vec<(&str, blake3::Hash, Vec<u8>)> = (0u8..100)
+            .map(|i| {
+                let bucket = if i % 10 == 0 {
+                    "records-v1"
+                } else {
+                    "calls-v1"
+                };
+                match i {
+                    55 => (bucket, old, b"new".to_vec()),
+                    99 => (bucket, blake3::hash(&[7]), b"again".to_vec()),
+                    _ => (bucket, blake3::hash(&[i]), vec![i; usize::from(i) + 1]),
+                }
+            })
+            .collect();
+        for (bucket, key, value) in &entries {
+            store.put(bucket, key, value).unwrap();
+        }
+        store.flush().unwrap();
+        let written: Vec<_> = entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 7)
+            .collect();
+        for ((_, (bucket, key, _)), id) in written.iter().zip(2..) {
+            assert_eq!(
+                store.row_of(bucket, key.as_bytes(), false).unwrap(),
+                Some(id)
+            );
+        }
+        drop(store);
+        let store = DiskStore::open(dir.path()).unwrap();
+        for (_, (bucket, key, value)) in &written {
+            assert_eq!(store.get(bucket, key).unwrap().as_ref(), Some(value));
+        }
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![
+                ("calls-v1".to_owned(), 89, 4_434),
+                ("records-v1".to_owned(), 10, 460)
+            ]
+        );
+        let conn = connect(&dir.path().join(DATABASE), false).unwrap();
+        let matched: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM blobs JOIN keys ON blobs.id = keys.id AND blobs.key = keys.key",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(matched, 99);
     }
 
     #[test]

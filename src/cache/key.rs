@@ -5,14 +5,21 @@
 use crate::record::CanonicalWriter;
 
 /// The bucket LLM calls are stored in; its suffix follows [`CALL_KEY_VERSION`].
-pub const CALLS_BUCKET: &str = "calls-v1";
-pub const CALL_KEY_VERSION: u32 = 1;
+pub const CALLS_BUCKET: &str = "calls-v2";
+pub const CALL_KEY_VERSION: u32 = 2;
+/// Calls cached under version 1's keys (the whole body hashed as one): still looked up
+/// when the cache holds any, so no cached call is lost (see [`CallKey::digest_v1`]).
+pub const CALLS_BUCKET_V1: &str = "calls-v1";
 
 /// Everything that decides an LLM call's answer. The request body holds the model, the
 /// messages, the sampling parameters and the output schema; secrets are never part of it
 /// (they travel in headers, which are not part of the key).
+///
+/// Version 2 hashes the body in two parts: the messages, and a digest of everything else
+/// (the provider, the endpoint, and the body around the messages), which a stage's calls
+/// share and [`KeyStarts`] makes once. Version 1 hashed the whole body per call.
+#[derive(Clone)]
 pub struct CallKey<'a> {
-    pub key_version: u32,
     /// Provider kind, e.g. `openai`.
     pub provider: &'a str,
     /// The endpoint URL the request goes to.
@@ -20,10 +27,17 @@ pub struct CallKey<'a> {
     /// The request body as canonical JSON ([`crate::record::canonical_json`]): the bytes
     /// [`crate::provider::Provider::body`] makes once and sends.
     pub body: &'a [u8],
+    /// Where the messages' canonical JSON lies in `body`, when the body was built around
+    /// them; otherwise the whole body is hashed as the rest, and the messages as empty.
+    pub messages: Option<std::ops::Range<usize>>,
 }
 
-/// What every call key's bytes start with, the body following.
+/// What every version 1 key's bytes start with, the body following.
 const KEY_HEAD: &[u8] = b"{\"body\":";
+/// What every version 2 key's bytes start with: the digest of the rest, then the messages.
+const KEY_HEAD_V2: &[u8] = b"keg call key v2\0";
+/// What the digest of the rest of a version 2 key hashes first.
+const REST_HEAD: &[u8] = b"keg call rest v2\0";
 /// blake3 hashes 64-byte blocks, in chunks of 1 KiB.
 const BLOCK: usize = 64;
 const CHUNK: usize = 1024;
@@ -31,127 +45,191 @@ const CHUNK: usize = 1024;
 const MOST_STARTS: usize = 4;
 
 impl CallKey<'_> {
-    /// blake3 of the canonical JSON of this struct (fields in sorted order). The body is
-    /// canonical already, so it is hashed as it is: the key costs blake3 over the bytes that
-    /// are sent, and nothing else. The bytes reach the hasher in one update: blake3 hashes
-    /// two or more whole 1 KiB chunks side by side (SIMD) only when one update holds them.
+    /// The key: blake3 of [`KEY_HEAD_V2`], the digest of the rest ([`CallKey::rest`]) and the
+    /// messages' canonical JSON.
     pub fn digest(&self) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(KEY_HEAD_V2);
+        hasher.update(self.rest().as_bytes());
+        hasher.update(self.messages_bytes());
+        hasher.finalize()
+    }
+
+    /// [`CallKey::digest`], with the digest of the rest made once for the calls that share
+    /// it, and hashing on from the hasher's state after a start of the key's bytes that
+    /// `starts` remembers: the same digest, without hashing those bytes again.
+    pub fn digest_with(&self, starts: &KeyStarts) -> blake3::Hash {
+        let mut starts = starts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let rest = starts.rest_of(self);
+        let messages = self.messages_bytes();
+        if KEY_HEAD_V2.len() + rest.as_bytes().len() + messages.len() >= 2 * CHUNK {
+            // Hashing on from a start goes block by block; a longer key is hashed faster
+            // whole, its chunks side by side.
+            drop(starts);
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(KEY_HEAD_V2);
+            hasher.update(rest.as_bytes());
+            hasher.update(messages);
+            return hasher.finalize();
+        }
+        // The key's bytes after its head, in one piece, for comparing with starts.
+        let mut tail = std::mem::take(&mut starts.tail);
+        tail.clear();
+        tail.extend_from_slice(rest.as_bytes());
+        tail.extend_from_slice(messages);
+        let (mut hasher, from) = starts.state_after(&tail).unwrap_or_else(|| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(KEY_HEAD_V2);
+            (hasher, 0)
+        });
+        hasher.update(&tail[from..]);
+        starts.tail = tail;
+        hasher.finalize()
+    }
+
+    /// The messages' canonical JSON (empty when the body was not built around them).
+    fn messages_bytes(&self) -> &[u8] {
+        match &self.messages {
+            Some(range) => &self.body[range.clone()],
+            None => &[],
+        }
+    }
+
+    /// The body around the messages: before them and after them.
+    fn around(&self) -> (&[u8], &[u8]) {
+        match &self.messages {
+            Some(range) => (&self.body[..range.start], &self.body[range.end..]),
+            None => (self.body, &[]),
+        }
+    }
+
+    /// The digest of everything but the messages: each part after its length, so that no
+    /// two keys' parts run into each other.
+    fn rest(&self) -> blake3::Hash {
+        let (before, after) = self.around();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(REST_HEAD);
+        for part in [
+            self.provider.as_bytes(),
+            self.endpoint.as_bytes(),
+            before,
+            after,
+        ] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hasher.finalize()
+    }
+
+    /// The version 1 key, under which calls cached before version 2 are found: blake3 of
+    /// the canonical JSON of `{body, endpoint, key_version: 1, provider}`. The body is
+    /// canonical already, so it is hashed as it is.
+    pub fn digest_v1(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
         let mut out = CanonicalWriter::new(&mut hasher);
         out.raw(KEY_HEAD);
         out.raw(self.body);
-        self.write_rest(&mut out);
+        out.raw(b",\"endpoint\":");
+        out.str(self.endpoint);
+        out.raw(b",\"key_version\":1,\"provider\":");
+        out.str(self.provider);
+        out.raw(b"}");
         out.finish();
         hasher.finalize()
     }
-
-    /// [`CallKey::digest`], going on from the hasher's state after a start of the key's
-    /// bytes that `starts` remembers: the same digest, without hashing those bytes again.
-    /// Only for keys shorter than two chunks: hashing on from a start goes block by block,
-    /// and a longer key is hashed faster whole, its chunks side by side.
-    pub fn digest_with(&self, starts: &KeyStarts) -> blake3::Hash {
-        if !self.shorter_than_two_chunks() {
-            return self.digest();
-        }
-        match starts.state_after(self.body) {
-            Some((mut hasher, from)) => {
-                let mut out = CanonicalWriter::new(&mut hasher);
-                out.raw(&self.body[from..]);
-                self.write_rest(&mut out);
-                out.finish();
-                hasher.finalize()
-            }
-            None => self.digest(),
-        }
-    }
-
-    /// Whether the key's bytes are fewer than two chunks: its head, the body, and
-    /// `,"endpoint":…,"key_version":…,"provider":…}`, 44 bytes besides the two names and the
-    /// version's digits. Escapes in the names are not counted: either way gives the same
-    /// digest.
-    fn shorter_than_two_chunks(&self) -> bool {
-        let version = itoa(self.key_version, &mut [0; 10]).len();
-        let rest = 44 + self.endpoint.len() + version + self.provider.len();
-        KEY_HEAD.len() + self.body.len() + rest < 2 * CHUNK
-    }
-
-    /// The key's fields after the body.
-    fn write_rest(&self, out: &mut CanonicalWriter) {
-        out.raw(b",\"endpoint\":");
-        out.str(self.endpoint);
-        out.raw(b",\"key_version\":");
-        out.raw(itoa(self.key_version, &mut [0; 10]));
-        out.raw(b",\"provider\":");
-        out.str(self.provider);
-        out.raw(b"}");
-    }
 }
 
-/// The hasher's state after the first blocks of call keys seen lately, so that a key that
-/// starts the same way hashes only the rest; one per `generate` stage. One stage's calls
-/// mostly share their first few hundred bytes: `{"body":{"max_tokens":N,"messages":[`, the
-/// system message, and within a document its path. The fields after the messages (the
-/// schema among them) cannot be kept this way, as where they fall in blake3's blocks moves
-/// with the messages' length. A start is kept when a key matches none kept and shares two
-/// blocks or more with the key before it; a state is a plain copy of the hasher (about 2 KB).
+/// What a `generate` stage's call keys share, made once: the digests of the rest of their
+/// bodies (see [`CallKey::rest`]), and the hasher's state after the first blocks of the keys
+/// seen lately, so that a key that starts the same way hashes only what follows. One stage's
+/// calls share their rest (a few, with budgets of their own) and mostly their first few
+/// hundred bytes: the rest's digest, the system message, and within a document its path.
+/// A start is kept when a key matches none kept and shares two blocks or more with the key
+/// before it; a state is a plain copy of the hasher (about 2 KB).
 #[derive(Default)]
 pub struct KeyStarts(std::sync::Mutex<Starts>);
 
 #[derive(Default)]
 struct Starts {
-    /// Starts of bodies (`KEY_HEAD` and these bytes fill whole blocks) and the hasher
-    /// having taken them; the newest last.
+    /// Starts of keys after their head (`KEY_HEAD_V2` and these bytes fill whole blocks)
+    /// and the hasher having taken them; the newest last.
     kept: Vec<(Vec<u8>, blake3::Hasher)>,
-    /// The last body no kept start matched (shorter than two chunks, as every body is that
-    /// [`CallKey::digest_with`] looks starts up for).
+    /// The last key no kept start matched, after its head (shorter than two chunks, as
+    /// every key is that [`CallKey::digest_with`] looks starts up for).
     last: Vec<u8>,
+    /// The rests of bodies seen lately and their digests; the newest last.
+    rests: Vec<(Rest, blake3::Hash)>,
+    /// A buffer for the key's bytes after its head, kept warm.
+    tail: Vec<u8>,
 }
 
-impl KeyStarts {
-    /// A hasher that has taken `KEY_HEAD` and `body[..from]`, and `from`; `None` when the
-    /// body shares no start worth keeping with the bodies before it.
-    fn state_after(&self, body: &[u8]) -> Option<(blake3::Hasher, usize)> {
-        let mut starts = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((start, hasher)) = starts.kept.iter().rev().find(|(s, _)| body.starts_with(s)) {
+/// What the digest of a key's rest covers.
+#[derive(PartialEq)]
+struct Rest {
+    provider: String,
+    endpoint: String,
+    before: Vec<u8>,
+    after: Vec<u8>,
+}
+
+impl Starts {
+    /// The digest of `key`'s rest: made once for every key that shares it.
+    fn rest_of(&mut self, key: &CallKey) -> blake3::Hash {
+        let (before, after) = key.around();
+        let same = |rest: &Rest| {
+            rest.before == before
+                && rest.after == after
+                && rest.endpoint == key.endpoint
+                && rest.provider == key.provider
+        };
+        if let Some((_, digest)) = self.rests.iter().rev().find(|(rest, _)| same(rest)) {
+            return *digest;
+        }
+        let digest = key.rest();
+        if self.rests.len() == MOST_STARTS {
+            self.rests.remove(0);
+        }
+        let rest = Rest {
+            provider: key.provider.to_owned(),
+            endpoint: key.endpoint.to_owned(),
+            before: before.to_vec(),
+            after: after.to_vec(),
+        };
+        self.rests.push((rest, digest));
+        digest
+    }
+
+    /// A hasher that has taken `KEY_HEAD_V2` and `tail[..from]`, and `from`; `None` when
+    /// the key shares no start worth keeping with the keys before it.
+    fn state_after(&mut self, tail: &[u8]) -> Option<(blake3::Hasher, usize)> {
+        if let Some((start, hasher)) = self.kept.iter().rev().find(|(s, _)| tail.starts_with(s)) {
             return Some((hasher.clone(), start.len()));
         }
-        // Whole blocks this body shares with the last one that matched no kept start.
+        // Whole blocks this key shares with the last one that matched no kept start.
+        let last = &self.last;
         let shared = |from: usize, to: usize| {
-            to <= body.len() && to <= starts.last.len() && body[from..to] == starts.last[from..to]
+            to <= tail.len() && to <= last.len() && tail[from..to] == last[from..to]
         };
-        let mut end = BLOCK - KEY_HEAD.len();
+        let mut end = BLOCK - KEY_HEAD_V2.len();
         if shared(0, end) {
             while shared(end, end + BLOCK) {
                 end += BLOCK;
             }
             // Two blocks at least: a shorter start saves less than keeping it costs.
-            if KEY_HEAD.len() + end >= 2 * BLOCK {
+            if KEY_HEAD_V2.len() + end >= 2 * BLOCK {
                 let mut hasher = blake3::Hasher::new();
-                hasher.update(KEY_HEAD);
-                hasher.update(&body[..end]);
-                if starts.kept.len() == MOST_STARTS {
-                    starts.kept.remove(0);
+                hasher.update(KEY_HEAD_V2);
+                hasher.update(&tail[..end]);
+                if self.kept.len() == MOST_STARTS {
+                    self.kept.remove(0);
                 }
-                starts.kept.push((body[..end].to_vec(), hasher.clone()));
+                self.kept.push((tail[..end].to_vec(), hasher.clone()));
                 return Some((hasher, end));
             }
         }
-        starts.last.clear();
-        starts.last.extend_from_slice(body);
+        self.last.clear();
+        self.last.extend_from_slice(tail);
         None
-    }
-}
-
-/// The decimal digits of `n`, written into `buffer`.
-fn itoa(mut n: u32, buffer: &mut [u8; 10]) -> &[u8] {
-    let mut start = buffer.len();
-    loop {
-        start -= 1;
-        buffer[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buffer[start..];
-        }
     }
 }
 
@@ -161,35 +239,76 @@ mod tests {
     use crate::record::canonical_json;
     use serde_json::json;
 
-    #[test]
-    fn call_key_is_pinned() {
-        let body = json!({
+    /// A body as the OpenAI wire makes it, and where its messages lie.
+    fn body_and_messages(body: &serde_json::Value) -> (Vec<u8>, std::ops::Range<usize>) {
+        let canonical = canonical_json(body);
+        let messages = canonical_json(&body["messages"]);
+        let start = canonical
+            .windows(messages.len())
+            .position(|w| w == messages)
+            .unwrap();
+        (canonical, start..start + messages.len())
+    }
+
+    fn pinned_body() -> serde_json::Value {
+        json!({
             "model": "m",
             "messages": [{"role": "user", "content": "hi"}],
             "temperature": 0.7,
-        });
+        })
+    }
+
+    #[test]
+    fn call_key_is_pinned() {
+        let (body, messages) = body_and_messages(&pinned_body());
         let key = CallKey {
-            key_version: CALL_KEY_VERSION,
             provider: "openai",
             endpoint: "http://127.0.0.1:8080/v1/chat/completions",
-            body: &canonical_json(&body),
+            body: &body,
+            messages: Some(messages),
         };
         // If this changes, cached calls of every user are invalidated: bump CALL_KEY_VERSION
-        // and CALLS_BUCKET deliberately, then update the digest.
+        // and CALLS_BUCKET deliberately, look the old keys up too, then update the digest.
         assert_eq!(
             key.digest().to_hex().as_str(),
+            "993711a1396fa0d2f6b0e8f376d5aefb812e5056161b7a7e0c8d0b092c9174d3"
+        );
+        assert_eq!(key.digest_with(&KeyStarts::default()), key.digest());
+    }
+
+    /// Calls cached before version 2 are found under these keys: they must not change.
+    #[test]
+    fn call_key_v1_is_pinned() {
+        let (body, messages) = body_and_messages(&pinned_body());
+        let key = CallKey {
+            provider: "openai",
+            endpoint: "http://127.0.0.1:8080/v1/chat/completions",
+            body: &body,
+            messages: Some(messages),
+        };
+        assert_eq!(
+            key.digest_v1().to_hex().as_str(),
             "0d472ff6d399c3b5d671b4b12601b2b757d2771d93330a2bff445a970d800641"
+        );
+        // Where the messages lie plays no part in it.
+        assert_eq!(
+            CallKey {
+                messages: None,
+                ..key
+            }
+            .digest_v1(),
+            key.digest_v1()
         );
     }
 
     #[test]
-    fn call_key_is_the_canonical_json_of_its_fields() {
+    fn call_key_v1_is_the_canonical_json_of_its_fields() {
         let body = json!({"model": "m", "messages": [{"content": "x", "role": "user"}]});
         let key = CallKey {
-            key_version: 1,
             provider: "openai",
             endpoint: "http://h/\"v1\"/chat/completions",
             body: &canonical_json(&body),
+            messages: None,
         };
         let value = json!({
             "provider": "openai",
@@ -197,25 +316,82 @@ mod tests {
             "endpoint": "http://h/\"v1\"/chat/completions",
             "body": body,
         });
-        assert_eq!(key.digest(), crate::record::canonical_hash(&value));
+        assert_eq!(key.digest_v1(), crate::record::canonical_hash(&value));
+    }
+
+    /// A version 2 key is blake3 of its head, the rest's digest and the messages; the
+    /// rest's parts go after their lengths, so no byte can move from one part to another
+    /// and give the same key.
+    #[test]
+    fn call_key_hashes_the_messages_and_the_digest_of_the_rest() {
+        let (body, messages) = body_and_messages(&pinned_body());
+        let key = CallKey {
+            provider: "openai",
+            endpoint: "e",
+            body: &body,
+            messages: Some(messages.clone()),
+        };
+        let mut rest = blake3::Hasher::new();
+        rest.update(b"keg call rest v2\0");
+        for part in [
+            &b"openai"[..],
+            b"e",
+            &body[..messages.start],
+            &body[messages.end..],
+        ] {
+            rest.update(&(part.len() as u64).to_le_bytes());
+            rest.update(part);
+        }
+        let mut whole = blake3::Hasher::new();
+        whole.update(b"keg call key v2\0");
+        whole.update(rest.finalize().as_bytes());
+        whole.update(&body[messages.clone()]);
+        assert_eq!(key.digest(), whole.finalize());
+
+        let differs = [
+            CallKey {
+                messages: None,
+                ..key.clone()
+            },
+            CallKey {
+                messages: Some(messages.start..messages.end - 1),
+                ..key.clone()
+            },
+            CallKey {
+                provider: "openaie",
+                endpoint: "",
+                ..key.clone()
+            },
+            CallKey {
+                endpoint: "f",
+                ..key.clone()
+            },
+        ];
+        for other in differs {
+            assert_ne!(other.digest(), key.digest());
+        }
     }
 
     #[test]
     fn call_key_ignores_json_field_order_but_not_content() {
-        let a = json!({"model": "m", "temperature": 0.7});
-        let b = json!({"temperature": 0.7, "model": "m"});
-        let c = json!({"temperature": 0.8, "model": "m"});
+        let a = json!({"model": "m", "temperature": 0.7, "messages": ["x"]});
+        let b = json!({"temperature": 0.7, "messages": ["x"], "model": "m"});
+        let c = json!({"temperature": 0.8, "messages": ["x"], "model": "m"});
+        let d = json!({"temperature": 0.7, "messages": ["y"], "model": "m"});
         let key = |body| {
-            CallKey {
-                key_version: 1,
+            let (body, messages) = body_and_messages(body);
+            let key = CallKey {
                 provider: "openai",
                 endpoint: "e",
-                body: &canonical_json(body),
-            }
-            .digest()
+                body: &body,
+                messages: Some(messages),
+            };
+            (key.digest(), key.digest_v1())
         };
         assert_eq!(key(&a), key(&b));
-        assert_ne!(key(&a), key(&c));
+        assert_ne!(key(&a).0, key(&c).0);
+        assert_ne!(key(&a).0, key(&d).0);
+        assert_ne!(key(&a).1, key(&c).1);
     }
 }
 
@@ -223,12 +399,14 @@ mod tests {
 mod starts {
     use super::*;
 
+    /// A key of one of [`bodies`]: its messages are the array.
     fn key(body: &[u8]) -> CallKey<'_> {
+        let start = body.iter().position(|&b| b == b'[').unwrap();
         CallKey {
-            key_version: CALL_KEY_VERSION,
             provider: "openai",
             endpoint: "http://127.0.0.1:1/v1/chat/completions",
             body,
+            messages: Some(start..body.len() - 1),
         }
     }
 
@@ -257,55 +435,43 @@ mod starts {
         let starts = KeyStarts::default();
         let mut from_a_start = 0;
         for body in bodies() {
+            let key = key(&body);
             let kept = starts.0.lock().unwrap().kept.clone();
-            assert_eq!(key(&body).digest_with(&starts), key(&body).digest());
-            if key(&body).shorter_than_two_chunks() {
-                from_a_start += usize::from(kept.iter().any(|(s, _)| body.starts_with(s)));
+            assert_eq!(key.digest_with(&starts), key.digest());
+            let tail = [key.rest().as_bytes(), key.messages_bytes()].concat();
+            if KEY_HEAD_V2.len() + tail.len() < 2 * CHUNK {
+                from_a_start += usize::from(kept.iter().any(|(s, _)| tail.starts_with(s)));
             } else {
                 // A longer key is hashed whole, and nothing is kept for it.
                 assert_eq!(starts.0.lock().unwrap().kept.len(), kept.len());
             }
         }
         assert!(from_a_start > 30, "{from_a_start}");
+        let starts = starts.0.lock().unwrap();
         // Starts end on a block's edge, two blocks in at least, short of two chunks.
-        let kept = &starts.0.lock().unwrap().kept;
-        assert!(!kept.is_empty() && kept.len() <= MOST_STARTS);
-        for (start, _) in kept {
-            let end = KEY_HEAD.len() + start.len();
+        assert!(!starts.kept.is_empty() && starts.kept.len() <= MOST_STARTS);
+        for (start, _) in &starts.kept {
+            let end = KEY_HEAD_V2.len() + start.len();
             assert!(
                 end.is_multiple_of(BLOCK) && (2 * BLOCK..2 * CHUNK).contains(&end),
                 "{end}"
             );
         }
+        // One rest per budget.
+        assert_eq!(starts.rests.len(), 2);
     }
 
     #[test]
-    fn a_key_is_told_shorter_than_two_chunks_by_its_whole_length() {
-        for n in 1900..2000 {
-            let body = crate::record::canonical_json(&serde_json::json!("a".repeat(n)));
-            let key = key(&body);
-            let whole = crate::record::canonical_json(&serde_json::json!({
-                "body": "a".repeat(n),
-                "endpoint": key.endpoint,
-                "key_version": key.key_version,
-                "provider": key.provider,
-            }));
-            assert_eq!(
-                key.shorter_than_two_chunks(),
-                whole.len() < 2 * CHUNK,
-                "{n}"
-            );
-        }
-    }
-
-    #[test]
-    fn bodies_that_share_little_keep_no_start() {
+    fn keys_that_share_little_keep_no_start() {
         let starts = KeyStarts::default();
         for i in 0..20u8 {
-            let body = [&[b'{', b'a' + i][..], &[b'x'; 300][..]].concat();
-            assert_eq!(key(&body).digest_with(&starts), key(&body).digest());
+            let body = [&[b'[', b'a' + i][..], &[b'x'; 300][..], b"]}"].concat();
+            let key = key(&body);
+            assert_eq!(key.digest_with(&starts), key.digest());
         }
-        assert!(starts.0.lock().unwrap().kept.is_empty());
+        let starts = starts.0.lock().unwrap();
+        assert!(starts.kept.is_empty());
+        assert_eq!(starts.rests.len(), 1);
     }
 }
 
@@ -333,64 +499,69 @@ mod speed {
             {"role": "user", "content": "Document: x — y\n\nPassage:\n\"\"\"\n".to_owned() + &"Some words of prose, `code` and [links](http://x).\n".repeat(14) + "\"\"\"\n\nWrite 2 pairs"}],
             "temperature": 0.7, "seed": 1, "max_tokens": 304,
             "response_format": {"type": "json_schema", "json_schema": {"name": "output", "strict": true, "schema": schema}}});
-        let canonical = crate::record::canonical_json(&body);
+        let with_messages = |body: &serde_json::Value| {
+            let canonical = crate::record::canonical_json(body);
+            let messages = crate::record::canonical_json(&body["messages"]);
+            let start = canonical
+                .windows(messages.len())
+                .position(|w| w == messages)
+                .unwrap();
+            (canonical, start..start + messages.len())
+        };
+        let (canonical, messages) = with_messages(&body);
         let key = CallKey {
-            key_version: 1,
             provider: "openai",
             endpoint: "http://127.0.0.1:1/v1/chat/completions",
             body: &canonical,
+            messages: Some(messages),
         };
-        let bytes = crate::record::canonical_json(&json!({
-            "key_version": 1,
-            "provider": "openai",
-            "endpoint": "http://127.0.0.1:1/v1/chat/completions",
-            "body": body,
-        }));
         let n = 20_000;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
+        let time = |f: &mut dyn FnMut(usize)| {
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                f(i);
+            }
+            t.elapsed() / n as u32
+        };
+        let v1 = time(&mut |_| {
+            std::hint::black_box(key.digest_v1());
+        });
+        let v2 = time(&mut |_| {
             std::hint::black_box(key.digest());
-        }
-        let digest = t.elapsed();
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(blake3::hash(std::hint::black_box(&bytes)));
-        }
-        let hash = t.elapsed();
+        });
         // Calls of one stage: the same system message, a user message of their own.
-        let text = String::from_utf8(canonical.clone()).unwrap();
-        let calls: Vec<Vec<u8>> = (0..16)
+        let calls: Vec<(Vec<u8>, std::ops::Range<usize>)> = (0..16)
             .map(|i| {
-                text.replace("Document: x", &format!("Document: {i:02}"))
-                    .into_bytes()
+                let mut body = body.clone();
+                let user = &mut body["messages"][1]["content"];
+                *user = json!(
+                    user.as_str()
+                        .unwrap()
+                        .replace("Document: x", &format!("Document: {i:02}"))
+                );
+                with_messages(&body)
             })
             .collect();
-        let keys: Vec<CallKey> = calls.iter().map(|body| CallKey { body, ..key }).collect();
-        let t = std::time::Instant::now();
-        for i in 0..n {
-            std::hint::black_box(keys[i as usize % keys.len()].digest());
-        }
-        let each = t.elapsed();
+        let keys: Vec<CallKey> = calls
+            .iter()
+            .map(|(body, messages)| CallKey {
+                body,
+                messages: Some(messages.clone()),
+                ..key.clone()
+            })
+            .collect();
+        let each_v1 = time(&mut |i| {
+            std::hint::black_box(keys[i % keys.len()].digest_v1());
+        });
         let starts = KeyStarts::default();
-        let t = std::time::Instant::now();
-        for i in 0..n {
-            std::hint::black_box(keys[i as usize % keys.len()].digest_with(&starts));
-        }
-        let with_start = t.elapsed();
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(crate::record::canonical_json(std::hint::black_box(&body)));
-        }
-        let ser = t.elapsed();
+        let with_start = time(&mut |i| {
+            std::hint::black_box(keys[i % keys.len()].digest_with(&starts));
+        });
         eprintln!(
-            "{} bytes: digest {:?}, blake3 {:?}, canonical_json {:?} per key; calls sharing \
-             their system message: {:?}, from a kept start {:?}",
-            bytes.len(),
-            digest / n,
-            hash / n,
-            ser / n,
-            each / n,
-            with_start / n
+            "{} bytes of body: version 1 {v1:?}, version 2 {v2:?} per key; calls sharing their \
+             system message: version 1 {each_v1:?}, version 2 from a kept start and rest \
+             {with_start:?}",
+            canonical.len(),
         );
     }
 }

@@ -19,6 +19,8 @@ pub trait Store: Send + Sync {
     /// Must be atomic: a reader sees the whole value or nothing, even if the process is killed.
     /// It may return before the value is on disk; [`Store::flush`] waits for that.
     fn put(&self, bucket: &str, key: &blake3::Hash, value: &[u8]) -> io::Result<()>;
+    /// Whether `bucket` holds any entry.
+    fn holds(&self, bucket: &str) -> io::Result<bool>;
     /// Wait until every `put` so far is written, and report the first write that failed.
     fn flush(&self) -> io::Result<()> {
         Ok(())

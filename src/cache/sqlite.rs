@@ -355,6 +355,17 @@ impl Store for DiskStore {
         }
     }
 
+    fn holds(&self, bucket: &str) -> io::Result<bool> {
+        if lock(&self.shared.pending)
+            .get(bucket)
+            .is_some_and(|entries| !entries.is_empty())
+        {
+            return Ok(true);
+        }
+        let mut known = lock(&self.shared.known);
+        Ok(!self.known_bucket(&mut known, bucket)?.ids.is_empty())
+    }
+
     fn put(&self, bucket: &str, key: &blake3::Hash, value: &[u8]) -> io::Result<()> {
         self.shared.check()?;
         let key = *key.as_bytes();

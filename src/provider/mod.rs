@@ -219,6 +219,10 @@ pub enum CallError {
 pub struct Body {
     /// The body's canonical JSON (keys sorted, no whitespace): what the call key hashes.
     pub canonical: bytes::Bytes,
+    /// Where the messages' canonical JSON lies in `canonical`, when the body was built around
+    /// them (wires that take the messages as given): the call key hashes them apart from the
+    /// rest of the body, which is the same for a stage's calls.
+    pub messages: Option<std::ops::Range<usize>>,
     /// The bytes sent: the canonical body, plus the wire's transport fields when it has any
     /// (they cannot change the answer, so they are not hashed).
     wire: bytes::Bytes,
@@ -419,10 +423,14 @@ impl Provider {
                 crate::record::write_canonical_json(messages, written);
                 let frame = self.frame_for(max_tokens, schema.is_some());
                 let messages: Part = (&*MESSAGES_FINDER, &written[..]);
-                match schema {
+                let body = match schema {
                     Some(schema) => frame.fill(&[messages, (&*SCHEMA_FINDER, schema)]),
                     None => frame.fill(&[messages]),
-                }
+                };
+                body.map(|(mut body, at)| {
+                    body.messages = at.map(|at| at..at + written.len());
+                    body
+                })
             })
         } else {
             let stand_in = schema.map(|_| Json::String(SCHEMA_MARK.0.into()));
@@ -432,7 +440,9 @@ impl Provider {
                 stand_in.as_ref(),
                 max_tokens,
             ));
-            frame.fill(schema.map(|schema| (&*SCHEMA_FINDER, schema)).as_slice())
+            frame
+                .fill(schema.map(|schema| (&*SCHEMA_FINDER, schema)).as_slice())
+                .map(|(body, _)| body)
         };
         if let Some(body) = filled {
             return body;
@@ -443,6 +453,7 @@ impl Provider {
         self.frame(&whole)
             .fill(&[])
             .expect("a body without stand-ins has nothing to fill")
+            .0
     }
 
     /// The frame of a body whose messages are written in apart, made once per token budget.
@@ -699,44 +710,53 @@ struct Frame {
 }
 
 impl Frame {
-    /// The body with `parts` filled in; `None` when a stand-in is found more than once.
-    fn fill(&self, parts: &[Part]) -> Option<Body> {
-        let canonical = bytes::Bytes::from(fill(&self.canonical, parts)?);
+    /// The body with `parts` filled in, and where in its canonical JSON the first part
+    /// went; `None` when a stand-in is found more than once.
+    fn fill(&self, parts: &[Part]) -> Option<(Body, Option<usize>)> {
+        let (canonical, at) = fill(&self.canonical, parts)?;
+        let canonical = bytes::Bytes::from(canonical);
         let wire = match &self.sent {
-            Some(sent) => bytes::Bytes::from(fill(sent, parts)?),
+            Some(sent) => bytes::Bytes::from(fill(sent, parts)?.0),
             None => canonical.clone(),
         };
-        Some(Body {
+        let body = Body {
             tokens: estimated_tokens(wire.len(), self.budget),
             canonical,
+            messages: None,
             wire,
-        })
+        };
+        Some((body, at))
     }
 }
 
-/// `frame` with each stand-in (as canonical JSON writes it) replaced by its part; `None`
-/// when one is found more than once, and which is the stand-in cannot be told.
-fn fill(frame: &[u8], parts: &[Part]) -> Option<Vec<u8>> {
-    let mut found: Vec<(usize, usize, &[u8])> = Vec::with_capacity(parts.len());
-    for (finder, part) in parts {
+/// `frame` with each stand-in (as canonical JSON writes it) replaced by its part, and where
+/// the first part went; `None` when one is found more than once, and which is the stand-in
+/// cannot be told.
+fn fill(frame: &[u8], parts: &[Part]) -> Option<(Vec<u8>, Option<usize>)> {
+    let mut found: Vec<(usize, usize, &[u8], bool)> = Vec::with_capacity(parts.len());
+    for (n, (finder, part)) in parts.iter().enumerate() {
         let mut at = finder.find_iter(frame);
         if let Some(first) = at.next() {
             if at.next().is_some() {
                 return None;
             }
-            found.push((first, finder.needle().len(), part));
+            found.push((first, finder.needle().len(), part, n == 0));
         }
     }
     found.sort_unstable_by_key(|(at, ..)| *at);
     let mut out = Vec::with_capacity(frame.len() + found.iter().map(|f| f.2.len()).sum::<usize>());
     let mut from = 0;
-    for (at, len, part) in found {
+    let mut first = None;
+    for (at, len, part, is_first) in found {
         out.extend_from_slice(&frame[from..at]);
+        if is_first {
+            first = Some(out.len());
+        }
         out.extend_from_slice(part);
         from = at + len;
     }
     out.extend_from_slice(&frame[from..]);
-    Some(out)
+    Some((out, first))
 }
 
 /// Tokens a request may use, for `tokens_per_minute`: prompt characters / 4 (`chars`: the

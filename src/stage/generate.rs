@@ -29,7 +29,7 @@ use serde_json::{Value as Json, json};
 use super::{
     BuildContext, JsonSchemaFile, Kind, Mode, Stage, StageContext, StageError, StageStats,
 };
-use crate::cache::key::{CALL_KEY_VERSION, CALLS_BUCKET};
+use crate::cache::key::{CALLS_BUCKET, CALLS_BUCKET_V1};
 use crate::cache::{CallKey, KeyStarts, Store};
 use crate::config::node::suggest;
 use crate::provider::{Body, CallError, Provider, Queued, Reply};
@@ -147,6 +147,8 @@ struct Calls {
     stop: Arc<AtomicBool>,
     /// This stage's counters, added to the run's when every call has ended.
     stats: StageStats,
+    /// Whether the cache holds calls cached under version 1's keys, once asked.
+    older: std::sync::OnceLock<bool>,
 }
 
 impl Calls {
@@ -208,19 +210,56 @@ fn usage_of(reply: &Reply) -> Reply {
 }
 
 impl Generate {
+    fn call_key<'b>(&'b self, body: &'b Body) -> CallKey<'b> {
+        CallKey {
+            provider: self.provider.config.kind.name(),
+            endpoint: self.provider.endpoint(),
+            body: &body.canonical,
+            messages: body.messages.clone(),
+        }
+    }
+
+    /// The cached reply to a request: under its key, or else under its version 1 key when
+    /// the cache holds calls cached before version 2. One found that way is cached under
+    /// its key too (but not by `keg plan`, which writes nothing), so the next run finds it
+    /// at once.
+    fn cached(&self, calls: &Calls, request: &Request<'_>) -> std::io::Result<Option<Reply>> {
+        let read = |bucket: &str, key: &blake3::Hash| -> std::io::Result<_> {
+            Ok(calls.store.get(bucket, key)?.and_then(|bytes| {
+                let reply = serde_json::from_slice::<Reply>(&bytes).ok()?;
+                Some((bytes, reply))
+            }))
+        };
+        if let Some((_, reply)) = read(CALLS_BUCKET, &request.key)? {
+            return Ok(Some(reply));
+        }
+        let older = match calls.older.get() {
+            Some(older) => *older,
+            None => {
+                let holds = calls.store.holds(CALLS_BUCKET_V1)?;
+                *calls.older.get_or_init(|| holds)
+            }
+        };
+        if !older {
+            return Ok(None);
+        }
+        let key = self.call_key(&request.body).digest_v1();
+        let Some((bytes, reply)) = read(CALLS_BUCKET_V1, &key)? else {
+            return Ok(None);
+        };
+        if calls.mode != Mode::Plan {
+            calls.store.put(CALLS_BUCKET, &request.key, &bytes)?;
+        }
+        Ok(Some(reply))
+    }
+
     fn request<'r>(&self, messages: Cow<'r, Json>, max_tokens: Option<u32>) -> Request<'r> {
         let body = self.provider.body(
             &messages,
             self.schema.as_ref().map(|s| &s.canonical[..]),
             max_tokens,
         );
-        let key = CallKey {
-            key_version: CALL_KEY_VERSION,
-            provider: self.provider.config.kind.name(),
-            endpoint: self.provider.endpoint(),
-            body: &body.canonical,
-        }
-        .digest_with(&self.key_starts);
+        let key = self.call_key(&body).digest_with(&self.key_starts);
         Request {
             messages,
             max_tokens,
@@ -259,13 +298,9 @@ impl Generate {
         queued: &mut Queued,
     ) -> Result<Option<Reply>, Resolution> {
         if calls.read_cache {
-            let cached = calls
-                .store
-                .get(CALLS_BUCKET, &request.key)
-                .map_err(|e| {
-                    Resolution::Fatal(StageError::Message(format!("cannot read the cache: {e}")))
-                })?
-                .and_then(|bytes| serde_json::from_slice::<Reply>(&bytes).ok());
+            let cached = self.cached(calls, request).map_err(|e| {
+                Resolution::Fatal(StageError::Message(format!("cannot read the cache: {e}")))
+            })?;
             if let Some(reply) = cached {
                 StageStats::add(&calls.stats.cached, 1);
                 return Ok(Some(reply));
@@ -546,6 +581,7 @@ impl Stage for Generate {
                 mode: cx.shared.mode,
                 stop: cx.shared.stop.clone(),
                 stats: StageStats::default(),
+                older: std::sync::OnceLock::new(),
             });
             let input = Arc::new(input);
             let mut resolutions: Vec<Option<Resolution>> = (0..input.len()).map(|_| None).collect();

@@ -54,7 +54,7 @@ fn cache_stats_and_clear() {
     let output = ws.keg(&["cache", "stats"]);
     assert_success(&output);
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(text.contains("/calls-v1: 3 entries,"), "{text}");
+    assert!(text.contains("/calls-v2: 3 entries,"), "{text}");
     assert!(ws.path("cache/CACHEDIR.TAG").is_file());
     let output = ws.keg(&["cache", "clear"]);
     assert_success(&output);

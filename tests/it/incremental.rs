@@ -638,3 +638,93 @@ fn later_stages_fed_over_many_batches_keep_document_order() {
         "the edit changed no row"
     );
 }
+
+/// Calls cached before call keys' version 2 (the whole body hashed as one, in `calls-v1`)
+/// are still found: an upgrade sends nothing again. Each one found is cached under its new
+/// key too, and the next run finds it there.
+#[test]
+fn calls_cached_under_version_1_keys_are_found_and_kept_under_version_2() {
+    let ws = workspace_with_docs();
+    let mock = MockLlm::start(Behavior::default());
+    ws.run_docs_qa(&mock);
+    let before = ws.outputs();
+    let bodies = mock.bodies();
+    assert_eq!(bodies.len(), 12);
+
+    // The cache as an older `keg` left it: each call under its version 1 key, in
+    // `calls-v1`, and nothing else (so the documents are made again, call by call).
+    let db = rusqlite::Connection::open(ws.path("cache").join(kegline::cache::DATABASE)).unwrap();
+    let endpoint = format!("{}/chat/completions", mock.base_url());
+    for body in &bodies {
+        let canonical = kegline::record::canonical_json(body);
+        let messages = kegline::record::canonical_json(&body["messages"]);
+        let at = canonical
+            .windows(messages.len())
+            .position(|w| w == messages)
+            .unwrap();
+        let key = kegline::cache::CallKey {
+            provider: "openai",
+            endpoint: &endpoint,
+            body: &canonical,
+            messages: Some(at..at + messages.len()),
+        };
+        let (new, old) = (key.digest(), key.digest_v1());
+        let moved = db
+            .execute(
+                "UPDATE keys SET bucket = 'calls-v1', key = ?1 WHERE bucket = 'calls-v2' AND key = ?2",
+                [&old.as_bytes()[..], &new.as_bytes()[..]],
+            )
+            .unwrap();
+        assert_eq!(moved, 1, "no call cached under the key of {body}");
+        db.execute(
+            "UPDATE blobs SET key = ?1 WHERE key = ?2",
+            [&old.as_bytes()[..], &new.as_bytes()[..]],
+        )
+        .unwrap();
+    }
+    db.execute_batch(
+        "DELETE FROM blobs WHERE id IN (SELECT id FROM keys WHERE bucket != 'calls-v1');
+         DELETE FROM keys WHERE bucket != 'calls-v1';",
+    )
+    .unwrap();
+    drop(db);
+    let buckets = || {
+        kegline::cache::DiskStore::stats(&ws.path("cache"))
+            .unwrap()
+            .into_iter()
+            .filter(|(bucket, _, _)| bucket.starts_with("calls-"))
+            .map(|(bucket, entries, _)| (bucket, entries))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(buckets(), [("calls-v1".to_owned(), 12)]);
+
+    mock.reset();
+    assert_eq!(to_run(&ws.plan_json(&mock), "pairs"), 0);
+    // `keg plan` writes nothing.
+    assert_eq!(buckets(), [("calls-v1".to_owned(), 12)]);
+    let output = ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0, "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("12 calls: 0 sent, 12 cached"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(ws.outputs(), before);
+    assert_eq!(
+        buckets(),
+        [("calls-v1".to_owned(), 12), ("calls-v2".to_owned(), 12)]
+    );
+
+    // Found under version 2 now: the old entries are not needed.
+    let db = rusqlite::Connection::open(ws.path("cache").join(kegline::cache::DATABASE)).unwrap();
+    db.execute_batch(
+        "DELETE FROM blobs WHERE id IN (SELECT id FROM keys WHERE bucket != 'calls-v2');
+         DELETE FROM keys WHERE bucket != 'calls-v2';",
+    )
+    .unwrap();
+    drop(db);
+    mock.reset();
+    let output = ws.run_docs_qa(&mock);
+    assert_eq!(mock.requests(), 0, "{}", stderr(&output));
+    assert_eq!(ws.outputs(), before);
+}

@@ -11,7 +11,7 @@ fn cached_calls(ws: &Workspace) -> usize {
     kegline::cache::DiskStore::stats(&ws.path("cache"))
         .unwrap()
         .into_iter()
-        .filter(|(bucket, _, _)| bucket == "calls-v1")
+        .filter(|(bucket, _, _)| bucket == "calls-v2")
         .map(|(_, entries, _)| entries as usize)
         .sum()
 }

@@ -175,6 +175,10 @@ struct Rest {
 impl Starts {
     /// The digest of `key`'s rest: made once for every key that shares it.
     fn rest_of(&mut self, key: &CallKey) -> blake3::Hash {
+        if key.messages.is_none() {
+            // The whole body is the rest: shared by no other call.
+            return key.rest();
+        }
         let (before, after) = key.around();
         let same = |rest: &Rest| {
             rest.before == before
@@ -472,6 +476,21 @@ mod starts {
         let starts = starts.0.lock().unwrap();
         assert!(starts.kept.is_empty());
         assert_eq!(starts.rests.len(), 1);
+    }
+
+    /// A body not built around its messages (wires that reshape them) is all rest: its
+    /// digest is made for the key alone, and not kept.
+    #[test]
+    fn a_body_without_its_messages_apart_keeps_no_rest() {
+        let starts = KeyStarts::default();
+        for body in bodies().iter().take(12) {
+            let key = CallKey {
+                messages: None,
+                ..key(body)
+            };
+            assert_eq!(key.digest_with(&starts), key.digest());
+        }
+        assert!(starts.0.lock().unwrap().rests.is_empty());
     }
 }
 

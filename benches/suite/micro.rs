@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use kegline::cache::key::messages_in;
 use kegline::cache::{CallKey, KeyStarts};
 use kegline::provider::ProviderConfig;
 use kegline::record::canonical_json;
@@ -100,12 +101,8 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         .iter()
         .zip(&canonical_bodies)
         .map(|(body, canonical)| {
-            let messages = canonical_json(&body["messages"]);
-            let at = canonical
-                .windows(messages.len())
-                .position(|w| w == messages)
-                .expect("a body holds its messages' canonical JSON");
-            at..at + messages.len()
+            messages_in(canonical, &body["messages"])
+                .expect("a body holds its messages' canonical JSON")
         })
         .collect();
     let key = |i: usize| CallKey {

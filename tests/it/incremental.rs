@@ -657,16 +657,11 @@ fn calls_cached_under_version_1_keys_are_found_and_kept_under_version_2() {
     let endpoint = format!("{}/chat/completions", mock.base_url());
     for body in &bodies {
         let canonical = kegline::record::canonical_json(body);
-        let messages = kegline::record::canonical_json(&body["messages"]);
-        let at = canonical
-            .windows(messages.len())
-            .position(|w| w == messages)
-            .unwrap();
         let key = kegline::cache::CallKey {
             provider: "openai",
             endpoint: &endpoint,
             body: &canonical,
-            messages: Some(at..at + messages.len()),
+            messages: kegline::cache::key::messages_in(&canonical, &body["messages"]),
         };
         let (new, old) = (key.digest(), key.digest_v1());
         let moved = db

@@ -48,9 +48,14 @@ impl CallKey<'_> {
     /// The key: blake3 of [`KEY_HEAD_V2`], the digest of the rest ([`CallKey::rest`]) and the
     /// messages' canonical JSON.
     pub fn digest(&self) -> blake3::Hash {
+        self.digest_after(&self.rest())
+    }
+
+    /// The key, given the digest of its rest: hashed whole, in one go.
+    fn digest_after(&self, rest: &blake3::Hash) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
         hasher.update(KEY_HEAD_V2);
-        hasher.update(self.rest().as_bytes());
+        hasher.update(rest.as_bytes());
         hasher.update(self.messages_bytes());
         hasher.finalize()
     }
@@ -66,11 +71,7 @@ impl CallKey<'_> {
             // Hashing on from a start goes block by block; a longer key is hashed faster
             // whole, its chunks side by side.
             drop(starts);
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(KEY_HEAD_V2);
-            hasher.update(rest.as_bytes());
-            hasher.update(messages);
-            return hasher.finalize();
+            return self.digest_after(&rest);
         }
         // The key's bytes after its head, in one piece, for comparing with starts.
         let mut tail = std::mem::take(&mut starts.tail);

@@ -314,18 +314,18 @@ struct Finished {
 impl Output {
     /// `write: false` (a plan) counts and hashes rows but creates no file. The temp file is
     /// made once [`OUTPUT_BUFFER`] bytes of rows are waiting, or when the output finishes.
-    fn create(path: PathBuf, write: bool) -> Result<Output, StageError> {
+    fn create(path: PathBuf, write: bool) -> Output {
         let dir = write.then(|| path.parent().unwrap_or(Path::new(".")).to_owned());
         let hashing = Hashing {
             dir,
             file: None,
             hasher: blake3::Hasher::new(),
         };
-        Ok(Output {
+        Output {
             path,
             rows: 0,
             writer: BufWriter::with_capacity(OUTPUT_BUFFER, hashing),
-        })
+        }
     }
 
     /// Makes the temp file, naming its folder when that fails.
@@ -459,7 +459,7 @@ struct Open<'a> {
 }
 
 impl<'a> Streaming<'a> {
-    fn output(&self, name: &str) -> Result<Output, StageError> {
+    fn output(&self, name: &str) -> Output {
         let dir = Path::new(&self.stage.config.dir);
         Output::create(dir.join(format!("{name}.jsonl")), self.write)
     }
@@ -471,7 +471,7 @@ impl<'a> Streaming<'a> {
             // that emptied out does not leave last run's file behind.
             let mut files = IndexMap::new();
             for name in self.cx.splits.unwrap_or_default() {
-                files.insert(name.clone(), self.output(name)?);
+                files.insert(name.clone(), self.output(name));
             }
             self.open = Some(Open { compiled, files });
         }
@@ -497,7 +497,7 @@ impl Streamed for Streaming<'_> {
                             let index = match open.files.get_index_of(split) {
                                 Some(index) => index,
                                 None => {
-                                    let output = self.output(split)?;
+                                    let output = self.output(split);
                                     let open = self.open.as_mut().expect("opened above");
                                     open.files.insert_full(split.to_owned(), output).0
                                 }
@@ -541,7 +541,7 @@ impl Streamed for Streaming<'_> {
             .cloned()
             .collect();
         rejects.sort_by(|a, b| (&a.order, &a.stage).cmp(&(&b.order, &b.stage)));
-        let mut rejects_file = Output::create(dir.join("rejects.jsonl"), write)?;
+        let mut rejects_file = Output::create(dir.join("rejects.jsonl"), write);
         for reject in &rejects {
             line.clear();
             serde_json::to_writer(&mut line, reject)
@@ -590,7 +590,7 @@ impl Streamed for Streaming<'_> {
         let mut manifest_bytes =
             serde_json::to_vec_pretty(&manifest).map_err(|e| StageError::Message(e.to_string()))?;
         manifest_bytes.push(b'\n');
-        let mut manifest_file = Output::create(dir.join("manifest.json"), write)?;
+        let mut manifest_file = Output::create(dir.join("manifest.json"), write);
         manifest_file.push(&manifest_bytes)?;
         finished.push(manifest_file.finish()?);
 
@@ -736,7 +736,7 @@ mod tests {
     fn write_all(dir: &Path, files: &[(&str, &str)]) -> Result<Vec<(PathBuf, usize)>, StageError> {
         let mut finished = Vec::new();
         for (name, content) in files {
-            let mut output = Output::create(dir.join(name), true)?;
+            let mut output = Output::create(dir.join(name), true);
             output.push(content.as_bytes())?;
             output.rows = 1;
             finished.push(output.finish()?);
@@ -756,7 +756,7 @@ mod tests {
     #[test]
     fn outputs_are_renamed_into_place_with_their_hash() {
         let dir = tempfile::tempdir().unwrap();
-        let mut output = Output::create(dir.path().join("train.jsonl"), true).unwrap();
+        let mut output = Output::create(dir.path().join("train.jsonl"), true);
         output.push(b"{\"a\":1}\n").unwrap();
         output.push(b"{\"a\":2}\n").unwrap();
         let finished = output.finish().unwrap();
@@ -785,12 +785,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         // Dropped unfinished (a run stopped or failed) under a buffer's worth: nothing on disk.
-        let mut output = Output::create(out.join("train.jsonl"), true).unwrap();
+        let mut output = Output::create(out.join("train.jsonl"), true);
         output.push(b"{\"a\":1}\n").unwrap();
         drop(output);
         assert!(!out.exists());
         // Past a buffer's worth the rows go to a temp file, removed when dropped unfinished.
-        let mut output = Output::create(out.join("train.jsonl"), true).unwrap();
+        let mut output = Output::create(out.join("train.jsonl"), true);
         let row = [b'x'; 1000];
         for _ in 0..OUTPUT_BUFFER / row.len() {
             output.push(&row).unwrap();
@@ -804,13 +804,12 @@ mod tests {
         assert!(listing(&out).is_empty());
         // An empty output finished is an empty file.
         let finished = Output::create(out.join("test.jsonl"), true)
-            .unwrap()
             .finish()
             .unwrap();
         commit(vec![finished]).unwrap();
         assert_eq!(std::fs::read(out.join("test.jsonl")).unwrap(), b"");
         // A row as long as the buffer goes past it, to the file.
-        let mut output = Output::create(out.join("valid.jsonl"), true).unwrap();
+        let mut output = Output::create(out.join("valid.jsonl"), true);
         output.push(&vec![b'y'; OUTPUT_BUFFER]).unwrap();
         commit(vec![output.finish().unwrap()]).unwrap();
         assert_eq!(
@@ -821,7 +820,6 @@ mod tests {
         let blocked = dir.path().join("blocked");
         std::fs::write(&blocked, "a file").unwrap();
         let err = Output::create(blocked.join("train.jsonl"), true)
-            .unwrap()
             .finish()
             .err()
             .unwrap();
@@ -865,7 +863,7 @@ mod tests {
     #[test]
     fn a_plan_writes_nothing_but_still_hashes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut output = Output::create(dir.path().join("train.jsonl"), false).unwrap();
+        let mut output = Output::create(dir.path().join("train.jsonl"), false);
         output.push(b"row\n").unwrap();
         let finished = output.finish().unwrap();
         assert_eq!(finished.digest, blake3::hash(b"row\n"));

@@ -45,6 +45,13 @@ const GATHER: Duration = Duration::from_millis(250);
 /// that gets there wakes it): large entries (a document's records) gain nothing from
 /// waiting, and would only be held in memory longer.
 const GATHER_BYTES: usize = 4 << 20;
+/// The writer's page cache: 1 MiB, half SQLite's default. It appends at the end of each
+/// table, so the pages it reads again are the few at the right edge of each B-tree, plus a
+/// batch's new pages until it commits. With the default, the cache grew page by page
+/// through every run to 2 MB and more, each page memory the process touched for the
+/// first time (BENCHMARKS.md, change 52); smaller still, a batch at 512 calls in flight
+/// would no longer fit and SQLite would write pages to the WAL twice.
+const WRITER_CACHE: &str = "PRAGMA cache_size = -1024;";
 
 const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by keg.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
 
@@ -171,6 +178,7 @@ impl DiskStore {
         set_up(&mut conn).map_err(sql)?;
         // Room for every statement the writer uses (`append` keeps up to 14).
         conn.set_prepared_statement_cache_capacity(32);
+        conn.execute_batch(WRITER_CACHE).map_err(sql)?;
         import_layout_2(root, &mut conn)?;
         import_layout_1(root, &mut conn)?;
         let shared = Arc::new(Shared::default());

@@ -677,12 +677,20 @@ fn calls_cached_under_version_1_keys_are_found_and_kept_under_version_2() {
         )
         .unwrap();
     }
-    db.execute_batch(
-        "DELETE FROM blobs WHERE id IN (SELECT id FROM keys WHERE bucket != 'calls-v1');
-         DELETE FROM keys WHERE bucket != 'calls-v1';",
-    )
-    .unwrap();
     drop(db);
+    // Every entry but those of `bucket` deleted.
+    let keep_only = |bucket: &str| {
+        let db =
+            rusqlite::Connection::open(ws.path("cache").join(kegline::cache::DATABASE)).unwrap();
+        db.execute(
+            "DELETE FROM blobs WHERE id IN (SELECT id FROM keys WHERE bucket != ?1)",
+            [bucket],
+        )
+        .unwrap();
+        db.execute("DELETE FROM keys WHERE bucket != ?1", [bucket])
+            .unwrap();
+    };
+    keep_only("calls-v1");
     let buckets = || {
         kegline::cache::DiskStore::stats(&ws.path("cache"))
             .unwrap()
@@ -711,13 +719,7 @@ fn calls_cached_under_version_1_keys_are_found_and_kept_under_version_2() {
     );
 
     // Found under version 2 now: the old entries are not needed.
-    let db = rusqlite::Connection::open(ws.path("cache").join(kegline::cache::DATABASE)).unwrap();
-    db.execute_batch(
-        "DELETE FROM blobs WHERE id IN (SELECT id FROM keys WHERE bucket != 'calls-v2');
-         DELETE FROM keys WHERE bucket != 'calls-v2';",
-    )
-    .unwrap();
-    drop(db);
+    keep_only("calls-v2");
     mock.reset();
     let output = ws.run_docs_qa(&mock);
     assert_eq!(mock.requests(), 0, "{}", stderr(&output));

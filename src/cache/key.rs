@@ -145,7 +145,7 @@ impl CallKey<'_> {
 /// sent (for tests and benchmarks that make keys of recorded requests).
 pub fn messages_in(body: &[u8], messages: &serde_json::Value) -> Option<std::ops::Range<usize>> {
     let messages = crate::record::canonical_json(messages);
-    let at = body.windows(messages.len()).position(|w| w == messages)?;
+    let at = memchr::memmem::find(body, &messages)?;
     Some(at..at + messages.len())
 }
 

@@ -289,6 +289,51 @@ pub fn fresh_page_cost() -> Result<Duration> {
     }
 }
 
+/// What reading memory costs after the machine has idled for `idle`: 2 MB, about what a
+/// wave of 64 calls touches, read a line at a time in a random order (each 64-byte line
+/// holds the index of the next, so that no read can start before the one before it ends
+/// and the prefetchers cannot guess), nine times, each after sleeping `idle`; the median
+/// time per line.
+///
+/// At 64 calls in flight against a fixed latency the mock answers in waves: the 64 replies
+/// come back within a few ms, then nothing until the next wave. On the machines these
+/// figures come from, 2 MB read after 50 ms of idling costs 100–150 ns a line, as if from
+/// main memory, against 27–50 after 1 ms: while the machine idles, the caches are given to
+/// other work (the host's), and every wave starts `keg` cold (BENCHMARKS.md, twenty-first
+/// round).
+pub fn idle_line_cost(idle: Duration) -> Duration {
+    const LINES: usize = (2 << 20) / 64;
+    const WORDS: usize = 8; // u64 words in a line
+    const ROUNDS: usize = 9;
+    // A random cyclic order of the lines (Sattolo's shuffle, xorshift).
+    let mut order: Vec<usize> = (0..LINES).collect();
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for i in (1..LINES).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = (state % i as u64) as usize;
+        order.swap(i, j);
+    }
+    let mut memory = vec![0_u64; LINES * WORDS];
+    for (i, &line) in order.iter().enumerate() {
+        memory[line * WORDS] = (order[(i + 1) % LINES] * WORDS) as u64;
+    }
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        std::thread::sleep(idle);
+        let mut at = order[0] * WORDS;
+        let started = Instant::now();
+        for _ in 0..LINES {
+            at = std::hint::black_box(memory[at]) as usize;
+        }
+        rounds.push(started.elapsed());
+        std::hint::black_box(at);
+    }
+    rounds.sort_unstable();
+    rounds[ROUNDS / 2] / LINES as u32
+}
+
 /// The cheapest fresh page seen in this run of the suite, in nanoseconds.
 static CHEAPEST_PAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
 

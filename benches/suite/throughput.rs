@@ -6,10 +6,14 @@ use anyhow::{Context, Result, bail};
 
 use std::time::Duration;
 
-use crate::keg::{Invocation, Measured, fresh_page_cost};
+use crate::keg::{Invocation, Measured, fresh_page_cost, idle_line_cost};
 use crate::mock::{Behavior, Window};
 use crate::report::{Figure, Goal, thousands};
 use crate::{Bench, baseline, progress};
+
+/// The mock's latency for 2a's run without idle: short enough that the next wave of
+/// replies comes before the machine forgets `keg`'s pages.
+const WARM_LATENCY: Duration = Duration::from_millis(5);
 
 /// Calls per second over the mock's window.
 fn rate(window: &Window) -> f64 {
@@ -80,7 +84,13 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         let (glob, calls) = bench.corpus()?.glob_for_calls(wanted);
         let mut pairs = Vec::new();
         for _ in 0..bench.sizes.throughput_runs.max(1) {
-            pairs.push(fixed_latency_pair(bench, &glob, calls, concurrency)?);
+            pairs.push(fixed_latency_pair(
+                bench,
+                &glob,
+                calls,
+                concurrency,
+                latency,
+            )?);
         }
         // Each of N workers completes one call per (latency + mean jitter).
         let ideal = concurrency as f64 / (latency + jitter / 2).as_secs_f64();
@@ -191,7 +201,57 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 middle.fresh_after.as_secs_f64() * 1e6,
             )),
         );
+        if concurrency == 64 && latency > WARM_LATENCY {
+            idle_rows(bench, cpu_id, &glob, calls, concurrency)?;
+        }
     }
+    Ok(())
+}
+
+/// What 2a owes to the mock's idle between waves (64 replies within a few ms, then nothing
+/// until the latency is up): the same calls once more with replies after [`WARM_LATENCY`],
+/// and what reading memory costs after an idle as long as the latency and after 1 ms.
+/// At 512 the waves are eight times larger and the idle shorter, and 5 ms would make the
+/// run CPU-bound, so 2b has no such rows.
+fn idle_rows(
+    bench: &mut Bench,
+    cpu_id: &str,
+    glob: &str,
+    calls: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let latency = bench.options.latency;
+    let warm = fixed_latency_pair(bench, glob, calls, concurrency, WARM_LATENCY)?;
+    bench.push(
+        Figure::new(
+            cpu_id,
+            format!(
+                "  the same calls with replies after {} ms, one run: keg, client (µs per call)",
+                WARM_LATENCY.as_millis()
+            ),
+        )
+        .info(format!(
+            "{:.1}; {:.1}",
+            warm.keg_per_call() * 1e6,
+            warm.base_per_call() * 1e6
+        )),
+    );
+    let after_idle = idle_line_cost(latency);
+    let after_short = idle_line_cost(Duration::from_millis(1));
+    bench.push(
+        Figure::new(
+            cpu_id,
+            format!(
+                "  2 MB read in random order after {} ms idle, after 1 ms (per 64-byte line)",
+                latency.as_millis()
+            ),
+        )
+        .info(format!(
+            "{:.0} ns; {:.0} ns",
+            after_idle.as_secs_f64() * 1e9,
+            after_short.as_secs_f64() * 1e9
+        )),
+    );
     Ok(())
 }
 
@@ -201,10 +261,15 @@ fn fixed_latency_pair(
     glob: &str,
     calls: usize,
     concurrency: usize,
+    latency: Duration,
 ) -> Result<Pair> {
+    let timed = Behavior {
+        latency,
+        ..bench.timed_behavior()
+    };
     bench.mock.set(Behavior {
         capture: true,
-        ..bench.timed_behavior()
+        ..timed.clone()
     });
     bench.mock.reset();
     let cache = bench.cache_dir(&format!("cache-throughput-{concurrency}"))?;
@@ -221,7 +286,7 @@ fn fixed_latency_pair(
     let window = bench.mock.window();
     // The same bodies from the barrier-free client: what this machine allows right now.
     let bodies = bench.mock.take_bodies();
-    bench.mock.set(bench.timed_behavior());
+    bench.mock.set(timed);
     bench.mock.reset();
     let base_cpu = baseline::run(&bench.mock.endpoint(), bodies, concurrency)
         .context("the baseline client failed")?;

@@ -12,7 +12,7 @@ use crate::report::{Figure, Goal, thousands};
 use crate::{Bench, baseline, progress};
 
 /// The mock's latency for 2a's run without idle: short enough that the next wave of
-/// replies comes before the machine forgets `keg`'s pages.
+/// replies comes while `keg`'s memory is still in the caches.
 const WARM_LATENCY: Duration = Duration::from_millis(5);
 
 /// Calls per second over the mock's window.

@@ -305,15 +305,11 @@ pub fn idle_line_cost(idle: Duration) -> Duration {
     const LINES: usize = (2 << 20) / 64;
     const WORDS: usize = 8; // u64 words in a line
     const ROUNDS: usize = 9;
-    // A random cyclic order of the lines (Sattolo's shuffle, xorshift).
+    // A random cyclic order of the lines (Sattolo's shuffle).
     let mut order: Vec<usize> = (0..LINES).collect();
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut rng = crate::corpus::Rng::new(7);
     for i in (1..LINES).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let j = (state % i as u64) as usize;
-        order.swap(i, j);
+        order.swap(i, rng.below(i));
     }
     let mut memory = vec![0_u64; LINES * WORDS];
     for (i, &line) in order.iter().enumerate() {

@@ -79,7 +79,11 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
     let latency = bench.options.latency;
     let jitter = bench.options.jitter;
     disk_calibration(bench)?;
-    for (concurrency, throughput_id, cpu_id) in [(64, "1a", "2a"), (512, "1b", "2b")] {
+    // At 512 the waves of replies are eight times larger and the idle between them shorter,
+    // and replies after 5 ms would make the run CPU-bound: only 2a gets `idle_rows`.
+    for (concurrency, throughput_id, cpu_id, with_idle_rows) in
+        [(64, "1a", "2a", true), (512, "1b", "2b", false)]
+    {
         let wanted = concurrency * bench.sizes.rounds;
         let (glob, calls) = bench.corpus()?.glob_for_calls(wanted);
         let mut pairs = Vec::new();
@@ -201,8 +205,8 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
                 middle.fresh_after.as_secs_f64() * 1e6,
             )),
         );
-        if concurrency == 64 && latency > WARM_LATENCY {
-            idle_rows(bench, cpu_id, &glob, calls, concurrency)?;
+        if with_idle_rows && latency > WARM_LATENCY {
+            idle_rows(bench, cpu_id, &glob, calls, concurrency, latency)?;
         }
     }
     Ok(())
@@ -211,16 +215,14 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
 /// What 2a owes to the mock's idle between waves (64 replies within a few ms, then nothing
 /// until the latency is up): the same calls once more with replies after [`WARM_LATENCY`],
 /// and what reading memory costs after an idle as long as the latency and after 1 ms.
-/// At 512 the waves are eight times larger and the idle shorter, and 5 ms would make the
-/// run CPU-bound, so 2b has no such rows.
 fn idle_rows(
     bench: &mut Bench,
     cpu_id: &str,
     glob: &str,
     calls: usize,
     concurrency: usize,
+    latency: Duration,
 ) -> Result<()> {
-    let latency = bench.options.latency;
     let warm = fixed_latency_pair(bench, glob, calls, concurrency, WARM_LATENCY)?;
     bench.push(
         Figure::new(

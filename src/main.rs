@@ -11,5 +11,13 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Release builds abort on a panic rather than unwind (`Cargo.toml`), so nothing is
+    // dropped on the way out: after the message, the cache commits the calls that finished,
+    // as it does when dropped.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        kegline::cache::commit_before_abort();
+    }));
     kegline::commands::dispatch(kegline::cli::Cli::parse())
 }

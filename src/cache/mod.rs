@@ -8,7 +8,7 @@ mod sqlite;
 use std::io;
 
 pub use key::{CallKey, KeyStarts};
-pub use sqlite::{DATABASE, DiskStore};
+pub use sqlite::{DATABASE, DiskStore, commit_before_abort};
 
 /// Where cached values live. The on-disk store is the default; a shared remote tier can be
 /// added behind the same trait.

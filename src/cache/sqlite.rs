@@ -190,6 +190,7 @@ impl DiskStore {
                 .spawn(move || write_loop(conn, &receiver, &shared))?
         };
         let _ = shared.writer.set(writer.thread().clone());
+        lock(&OPEN).push((shared.clone(), sender.clone()));
         Ok(DiskStore {
             root: root.to_path_buf(),
             path,
@@ -427,19 +428,59 @@ impl Store for DiskStore {
     }
 
     fn flush(&self) -> io::Result<()> {
-        let (done, wait) = mpsc::sync_channel(1);
-        // Counted before it is sent: the writer takes the count down as it receives it.
-        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
-        if let Some(sender) = &self.sender
-            && sender.send(Message::Flush(done)).is_ok()
-        {
-            self.wake_writer();
-            // An error here means the writer is gone; `check` then says why.
-            let _ = wait.recv();
-        } else {
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        if let Some(sender) = &self.sender {
+            commit_through(&self.shared, sender, None);
         }
         self.shared.check()
+    }
+}
+
+/// Have the writer commit everything sent to it before this, and wait until it has (for at
+/// most `patience`, when given). Returns at once when the writer is gone; the store's
+/// `check` then says why.
+fn commit_through(shared: &Shared, sender: &mpsc::Sender<Message>, patience: Option<Duration>) {
+    let (done, wait) = mpsc::sync_channel(1);
+    // Counted before it is sent: the writer takes the count down as it receives it.
+    shared.waiting.fetch_add(1, Ordering::Relaxed);
+    if sender.send(Message::Flush(done)).is_err() {
+        shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    if let Some(writer) = shared.writer.get() {
+        writer.unpark();
+    }
+    let _ = match patience {
+        Some(patience) => wait.recv_timeout(patience).ok(),
+        None => wait.recv().ok(),
+    };
+}
+
+/// Every open store's writer, for [`commit_before_abort`]. A store adds its own when it
+/// opens and takes it out before letting its writer go.
+static OPEN: Mutex<Vec<(Arc<Shared>, mpsc::Sender<Message>)>> = Mutex::new(Vec::new());
+
+/// How long [`commit_before_abort`] waits for each writer.
+const ABORT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Commit what every open store has been given, for a process about to abort on a panic:
+/// release builds do not unwind (`Cargo.toml`), so no store is dropped, and the calls that
+/// finished would otherwise be sent again by the next run. Waits for each writer for up to
+/// [`ABORT_PATIENCE`]. Skips the writer the panic happened on, and does nothing when the
+/// list of stores is held (a panic while a store opens or closes).
+pub fn commit_before_abort() {
+    let Ok(open) = OPEN.try_lock() else {
+        return;
+    };
+    let here = std::thread::current().id();
+    for (shared, sender) in open.iter() {
+        if shared
+            .writer
+            .get()
+            .is_some_and(|writer| writer.id() == here)
+        {
+            continue;
+        }
+        commit_through(shared, sender, Some(ABORT_PATIENCE));
     }
 }
 
@@ -457,6 +498,8 @@ impl Drop for DiskStore {
     fn drop(&mut self) {
         // Never taken down: from here on the writer commits what it has without gathering.
         self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+        // The writer stops once no sender is left, the list's included.
+        lock(&OPEN).retain(|(shared, _)| !Arc::ptr_eq(shared, &self.shared));
         drop(self.sender.take());
         self.wake_writer();
         if let Some(writer) = self.writer.take() {
@@ -1072,6 +1115,24 @@ mod tests {
 
     /// A `flush`, or dropping the store at the end of a run, commits at once rather than
     /// after the writer's gathering time (a run's last step waits on one of them).
+    #[test]
+    fn a_panic_about_to_abort_has_what_was_put_committed_and_a_closed_store_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        store.put("b", &blake3::hash(b"1"), b"1").unwrap();
+        // The writer gathers for 250 ms; the entry is in the file once this returns.
+        commit_before_abort();
+        assert_eq!(
+            DiskStore::stats(dir.path()).unwrap(),
+            vec![("b".to_owned(), 1, 1)]
+        );
+        let shared = Arc::downgrade(&store.shared);
+        drop(store);
+        // Nothing kept the store's writer: it stopped, and the list holds no sender for it.
+        assert_eq!(shared.strong_count(), 0);
+        commit_before_abort();
+    }
+
     #[test]
     fn flush_and_drop_cut_the_gathering_short() {
         let dir = tempfile::tempdir().unwrap();

@@ -422,7 +422,7 @@ impl Store for DiskStore {
             .and_then(|sender| sender.send(message).ok())
             .ok_or_else(|| io::Error::other("the cache writer has stopped"));
         if fills {
-            self.wake_writer();
+            self.shared.wake_writer();
         }
         sent
     }
@@ -446,9 +446,7 @@ fn commit_through(shared: &Shared, sender: &mpsc::Sender<Message>, patience: Opt
         shared.waiting.fetch_sub(1, Ordering::Relaxed);
         return;
     }
-    if let Some(writer) = shared.writer.get() {
-        writer.unpark();
-    }
+    shared.wake_writer();
     let _ = match patience {
         Some(patience) => wait.recv_timeout(patience).ok(),
         None => wait.recv().ok(),
@@ -484,15 +482,6 @@ pub fn commit_before_abort() {
     }
 }
 
-impl DiskStore {
-    /// Cut the writer's gathering short (see [`write_loop`]).
-    fn wake_writer(&self) {
-        if let Some(writer) = self.shared.writer.get() {
-            writer.unpark();
-        }
-    }
-}
-
 impl Drop for DiskStore {
     /// Write what is pending before the process goes on to exit.
     fn drop(&mut self) {
@@ -501,7 +490,7 @@ impl Drop for DiskStore {
         // The writer stops once no sender is left, the list's included.
         lock(&OPEN).retain(|(shared, _)| !Arc::ptr_eq(shared, &self.shared));
         drop(self.sender.take());
-        self.wake_writer();
+        self.shared.wake_writer();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -572,6 +561,13 @@ fn prefix(key: &[u8]) -> u64 {
 }
 
 impl Shared {
+    /// Cut the writer's gathering short (see [`write_loop`]).
+    fn wake_writer(&self) {
+        if let Some(writer) = self.writer.get() {
+            writer.unpark();
+        }
+    }
+
     fn check(&self) -> io::Result<()> {
         match &*lock(&self.failed) {
             Some(err) => Err(io::Error::other(err.clone())),
@@ -1113,8 +1109,6 @@ mod tests {
         assert_eq!(DiskStore::stats(&root).unwrap(), vec![]);
     }
 
-    /// A `flush`, or dropping the store at the end of a run, commits at once rather than
-    /// after the writer's gathering time (a run's last step waits on one of them).
     #[test]
     fn a_panic_about_to_abort_has_what_was_put_committed_and_a_closed_store_is_let_go() {
         let dir = tempfile::tempdir().unwrap();
@@ -1133,6 +1127,8 @@ mod tests {
         commit_before_abort();
     }
 
+    /// A `flush`, or dropping the store at the end of a run, commits at once rather than
+    /// after the writer's gathering time (a run's last step waits on one of them).
     #[test]
     fn flush_and_drop_cut_the_gathering_short() {
         let dir = tempfile::tempdir().unwrap();

@@ -12,12 +12,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // Release builds abort on a panic rather than unwind (`Cargo.toml`), so nothing is
-    // dropped on the way out: after the message, the cache commits the calls that finished,
-    // as it does when dropped.
+    // dropped on the way out: after the message, the cache commits the calls that finished
+    // and the outputs' temp files are removed, as when they are dropped.
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);
         kegline::cache::commit_before_abort();
+        kegline::stage::export::remove_temp_files();
     }));
     kegline::commands::dispatch(kegline::cli::Cli::parse())
 }

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -265,7 +265,7 @@ struct Hashing {
     /// The folder of the temp file; `None` in a plan.
     dir: Option<PathBuf>,
     /// Made when the buffer first goes to it, or when the output is finished.
-    file: Option<tempfile::NamedTempFile>,
+    file: Option<TempFile>,
     hasher: blake3::Hasher,
 }
 
@@ -274,13 +274,79 @@ impl Hashing {
     fn make_file(&mut self) -> std::io::Result<()> {
         if let (Some(dir), None) = (&self.dir, &self.file) {
             std::fs::create_dir_all(dir)?;
-            let temp = tempfile::Builder::new()
-                .prefix(".keg-tmp")
-                .tempfile_in(dir)?;
-            self.file = Some(temp);
+            self.file = Some(TempFile::new_in(dir)?);
         }
         Ok(())
     }
+}
+
+/// The temp files of the outputs being written, for [`remove_temp_files`]. A temp file is
+/// listed when it is made, and taken off when it is renamed into place or removed.
+static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// An output's temp file beside it, removed when dropped unless renamed into place, and
+/// listed in [`TEMP_FILES`] while it exists.
+struct TempFile {
+    file: Option<tempfile::NamedTempFile>,
+    path: PathBuf,
+}
+
+impl TempFile {
+    fn new_in(dir: &Path) -> std::io::Result<TempFile> {
+        let file = tempfile::Builder::new()
+            .prefix(".keg-tmp")
+            .tempfile_in(dir)?;
+        let path = file.path().to_owned();
+        lock(&TEMP_FILES).push(path.clone());
+        Ok(TempFile {
+            file: Some(file),
+            path,
+        })
+    }
+
+    fn file(&mut self) -> &mut tempfile::NamedTempFile {
+        self.file
+            .as_mut()
+            .expect("a temp file is there until it is renamed")
+    }
+
+    /// Rename into place at `path`.
+    fn persist(mut self, path: &Path) -> std::io::Result<()> {
+        let file = self.file.take().expect("a temp file is renamed once");
+        file.persist(path).map(|_| ()).map_err(|e| e.error)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let mut listed = lock(&TEMP_FILES);
+        if let Some(at) = listed.iter().position(|p| *p == self.path) {
+            listed.swap_remove(at);
+        }
+    }
+}
+
+/// Remove the temp files of the outputs being written, for a process about to abort on a
+/// panic: release builds do not unwind (`Cargo.toml`), so no temp file is dropped and each
+/// would stay in its output folder. Does nothing when the list is held (a panic while a temp
+/// file is made or let go). The outputs themselves are renamed into place only when whole,
+/// so last run's files stay as they were.
+pub fn remove_temp_files() {
+    remove_listed(|_| true);
+}
+
+/// Remove the listed temp files that `chosen` picks (all of them, but for tests).
+fn remove_listed(chosen: impl Fn(&Path) -> bool) {
+    let Ok(listed) = TEMP_FILES.try_lock() else {
+        return;
+    };
+    for path in listed.iter().filter(|p| chosen(p)) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Bytes reach no file before [`Output`] makes it: a plan's, and those of an output
@@ -288,7 +354,7 @@ impl Hashing {
 impl Write for Hashing {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = match &mut self.file {
-            Some(file) => file.write(buf)?,
+            Some(temp) => temp.file().write(buf)?,
             None => buf.len(),
         };
         self.hasher.update(&buf[..n]);
@@ -297,7 +363,7 @@ impl Write for Hashing {
 
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.file {
-            Some(file) => file.flush(),
+            Some(temp) => temp.file().flush(),
             None => Ok(()),
         }
     }
@@ -308,7 +374,7 @@ struct Finished {
     path: PathBuf,
     rows: usize,
     digest: blake3::Hash,
-    temp: Option<tempfile::NamedTempFile>,
+    temp: Option<TempFile>,
 }
 
 impl Output {
@@ -354,15 +420,16 @@ impl Output {
             .into_inner()
             .map_err(|e| StageError::io(&path, e.into_error()))?;
         let temp = match hashing.file {
-            Some(temp) => {
-                temp.as_file()
+            Some(mut temp) => {
+                temp.file()
+                    .as_file()
                     .sync_all()
                     .map_err(|e| StageError::io(&path, e))?;
                 // Temp files are private (0600); outputs are ordinary files others may read.
                 #[cfg(unix)]
                 {
                     use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o644))
+                    std::fs::set_permissions(&temp.path, std::fs::Permissions::from_mode(0o644))
                         .map_err(|e| StageError::io(&path, e))?;
                 }
                 Some(temp)
@@ -394,7 +461,7 @@ fn commit(outputs: Vec<Finished>) -> Result<Vec<(PathBuf, usize)>, StageError> {
     for output in outputs {
         if let Some(temp) = output.temp {
             temp.persist(&output.path)
-                .map_err(|e| StageError::io(&output.path, e.error))?;
+                .map_err(|e| StageError::io(&output.path, e))?;
             written.push((output.path, output.rows));
         }
     }
@@ -824,6 +891,40 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("blocked"), "{err}");
+    }
+
+    #[test]
+    fn temp_files_not_dropped_before_an_abort_are_removed_and_finished_ones_are_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = || {
+            lock(&TEMP_FILES)
+                .iter()
+                .filter(|p| p.starts_with(dir.path()))
+                .count()
+        };
+        std::fs::write(dir.path().join("train.jsonl"), "last run\n").unwrap();
+        let row = [b'x'; 1000];
+        let mut train = Output::create(dir.path().join("train.jsonl"), true);
+        let mut valid = Output::create(dir.path().join("valid.jsonl"), true);
+        for _ in 0..=OUTPUT_BUFFER / row.len() {
+            train.push(&row).unwrap();
+            valid.push(&row).unwrap();
+        }
+        // An output renamed into place and one dropped unfinished are no longer listed.
+        let mut test = Output::create(dir.path().join("test.jsonl"), true);
+        test.push(b"{}\n").unwrap();
+        commit(vec![test.finish().unwrap()]).unwrap();
+        drop(valid);
+        assert_eq!(listing(dir.path()).len(), 3, "{:?}", listing(dir.path()));
+        assert_eq!(listed(), 1);
+        // An abort drops nothing: the temp file stays until the panic hook removes it.
+        std::mem::forget(train);
+        remove_listed(|p| p.starts_with(dir.path()));
+        assert_eq!(listing(dir.path()), ["test.jsonl", "train.jsonl"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap(),
+            "last run\n"
+        );
     }
 
     #[test]

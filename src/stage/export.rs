@@ -285,44 +285,48 @@ impl Hashing {
 static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// An output's temp file beside it, removed when dropped unless renamed into place, and
-/// listed in [`TEMP_FILES`] while it exists.
-struct TempFile {
-    file: Option<tempfile::NamedTempFile>,
-    path: PathBuf,
-}
+/// listed in [`TEMP_FILES`] until then.
+struct TempFile(Option<tempfile::NamedTempFile>);
 
 impl TempFile {
     fn new_in(dir: &Path) -> std::io::Result<TempFile> {
         let file = tempfile::Builder::new()
             .prefix(".keg-tmp")
             .tempfile_in(dir)?;
-        let path = file.path().to_owned();
-        lock(&TEMP_FILES).push(path.clone());
-        Ok(TempFile {
-            file: Some(file),
-            path,
-        })
+        listed().push(file.path().to_owned());
+        Ok(TempFile(Some(file)))
     }
 
     fn file(&mut self) -> &mut tempfile::NamedTempFile {
-        self.file
+        self.0
             .as_mut()
             .expect("a temp file is there until it is renamed")
     }
 
     /// Rename into place at `path`.
     fn persist(mut self, path: &Path) -> std::io::Result<()> {
-        let file = self.file.take().expect("a temp file is renamed once");
+        let file = self.0.take().expect("a temp file is renamed once");
+        unlist(file.path());
         file.persist(path).map(|_| ()).map_err(|e| e.error)
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        let mut listed = lock(&TEMP_FILES);
-        if let Some(at) = listed.iter().position(|p| *p == self.path) {
-            listed.swap_remove(at);
+        if let Some(file) = &self.0 {
+            unlist(file.path());
         }
+    }
+}
+
+fn listed() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    TEMP_FILES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unlist(path: &Path) {
+    let mut listed = listed();
+    if let Some(at) = listed.iter().position(|p| p == path) {
+        listed.swap_remove(at);
     }
 }
 
@@ -343,10 +347,6 @@ fn remove_listed(chosen: impl Fn(&Path) -> bool) {
     for path in listed.iter().filter(|p| chosen(p)) {
         let _ = std::fs::remove_file(path);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Bytes reach no file before [`Output`] makes it: a plan's, and those of an output
@@ -429,8 +429,11 @@ impl Output {
                 #[cfg(unix)]
                 {
                     use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&temp.path, std::fs::Permissions::from_mode(0o644))
-                        .map_err(|e| StageError::io(&path, e))?;
+                    std::fs::set_permissions(
+                        temp.file().path(),
+                        std::fs::Permissions::from_mode(0o644),
+                    )
+                    .map_err(|e| StageError::io(&path, e))?;
                 }
                 Some(temp)
             }
@@ -896,8 +899,8 @@ mod tests {
     #[test]
     fn temp_files_not_dropped_before_an_abort_are_removed_and_finished_ones_are_not_listed() {
         let dir = tempfile::tempdir().unwrap();
-        let listed = || {
-            lock(&TEMP_FILES)
+        let here = || {
+            listed()
                 .iter()
                 .filter(|p| p.starts_with(dir.path()))
                 .count()
@@ -916,7 +919,7 @@ mod tests {
         commit(vec![test.finish().unwrap()]).unwrap();
         drop(valid);
         assert_eq!(listing(dir.path()).len(), 3, "{:?}", listing(dir.path()));
-        assert_eq!(listed(), 1);
+        assert_eq!(here(), 1);
         // An abort drops nothing: the temp file stays until the panic hook removes it.
         std::mem::forget(train);
         remove_listed(|p| p.starts_with(dir.path()));

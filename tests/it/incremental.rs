@@ -187,7 +187,6 @@ fn copy_shipped_pipeline(ws: &Workspace) {
         "pipelines/docs-qa.yaml",
         "templates/qa/system.j2",
         "templates/qa/user.j2",
-        "templates/qa/macros.j2",
         "schemas/qa-pairs.schema.json",
         "schemas/qa-pair.schema.json",
         "schemas/pipeline.schema.json",
@@ -289,9 +288,24 @@ fn an_edited_included_template_changes_the_calls() {
     // stage names changed.
     let ws = workspace_with_docs();
     copy_shipped_pipeline(&ws);
+    let user = ws.read("templates/qa/user.j2");
+    let inline = r#"{% if headings %} — {{ headings | join(" › ") }}{% endif %}"#;
+    assert!(user.contains(inline), "the shipped user template: {user}");
+    ws.write(
+        "templates/qa/user.j2",
+        format!(
+            "{{% from \"qa/macros.j2\" import trail %}}{}",
+            user.replacen(inline, "{{ trail(headings) }}", 1)
+        ),
+    );
+    ws.write(
+        "templates/qa/macros.j2",
+        format!("{{% macro trail(headings) %}}{inline}{{% endmacro %}}\n"),
+    );
     let mock = MockLlm::start(Behavior::default());
     run_copied(&ws, &mock);
     assert_eq!(mock.requests(), 12);
+    assert!(user_message(&mock.bodies()[0]).contains(" — "));
     let macros = ws.read("templates/qa/macros.j2");
     ws.write("templates/qa/macros.j2", macros.replace(" — ", " / "));
     mock.reset();

@@ -208,7 +208,53 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         if with_idle_rows && latency > WARM_LATENCY {
             idle_rows(bench, cpu_id, &glob, calls, concurrency, latency)?;
         }
+        fixed_cost_row(bench, cpu_id, window.requests, concurrency)?;
     }
+    Ok(())
+}
+
+/// Runs of one document, each with a new cache, whose CPU beside 2a and 2b: what a run costs
+/// whatever its size (starting, reading the pipeline, making the cache, writing and syncing
+/// the outputs, closing), which those figures spread over their calls. The client's figure
+/// counts its HTTP threads alone, so none of this is in it.
+fn fixed_cost_row(bench: &mut Bench, cpu_id: &str, calls: u64, concurrency: usize) -> Result<()> {
+    const RUNS: usize = 5;
+    let (document, chunks) = {
+        let corpus = bench.corpus()?;
+        let first = &corpus.docs[0];
+        (corpus.path(first), first.chunks)
+    };
+    // Answered at once: only the run's own cost, and its few calls', is left.
+    bench.mock.set(Behavior::default());
+    let mut cpu = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        bench.mock.reset();
+        let cache = bench.cache_dir("cache-one-document")?;
+        let out = bench.fresh_dir("out-one-document")?;
+        let run = bench.keg.run(
+            &Invocation::new("run", &bench.pipeline, &cache)
+                .set("glob", document.display())
+                .set("out", out.display())
+                .set("base_url", bench.mock.base_url())
+                .set("concurrency", concurrency)
+                .flag("--no-cache"),
+        )?;
+        cpu.push(run.cpu.as_secs_f64());
+    }
+    let run_cpu = median(&cpu, true);
+    bench.push(
+        Figure::new(
+            cpu_id,
+            format!(
+                "  a run of one document ({chunks} calls, replies at once, a new cache): CPU, median of {RUNS}; the same over this figure's calls"
+            ),
+        )
+        .info(format!(
+            "{:.1} ms; {:.1} µs per call",
+            run_cpu * 1e3,
+            run_cpu * 1e6 / calls.max(1) as f64
+        )),
+    );
     Ok(())
 }
 

@@ -213,7 +213,7 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
     Ok(())
 }
 
-/// Runs of one document, each with a new cache, whose CPU beside 2a and 2b: what a run costs
+/// Beside 2a and 2b, the CPU of a run of one document with a new cache: what a run costs
 /// whatever its size (starting, reading the pipeline, making the cache, writing and syncing
 /// the outputs, closing), which those figures spread over their calls. The client's figure
 /// counts its HTTP threads alone, so none of this is in it.

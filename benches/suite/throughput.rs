@@ -79,6 +79,7 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
     let latency = bench.options.latency;
     let jitter = bench.options.jitter;
     disk_calibration(bench)?;
+    let (fixed_cpu, fixed_calls) = one_document_run(bench)?;
     // At 512 the waves of replies are eight times larger and the idle between them shorter,
     // and replies after 5 ms would make the run CPU-bound: only 2a gets `idle_rows`.
     for (concurrency, throughput_id, cpu_id, with_idle_rows) in
@@ -208,26 +209,41 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         if with_idle_rows && latency > WARM_LATENCY {
             idle_rows(bench, cpu_id, &glob, calls, concurrency, latency)?;
         }
-        fixed_cost_row(bench, cpu_id, window.requests, concurrency)?;
+        bench.push(
+            Figure::new(
+                cpu_id,
+                format!(
+                    "  a run of one document ({fixed_calls} calls, replies at once, a new cache): CPU, median of {ONE_DOCUMENT_RUNS}; the same over this figure's calls"
+                ),
+            )
+            .info(format!(
+                "{:.1} ms; {:.1} µs per call",
+                fixed_cpu * 1e3,
+                fixed_cpu * 1e6 / window.requests.max(1) as f64
+            )),
+        );
     }
     Ok(())
 }
 
-/// Beside 2a and 2b, the CPU of a run of one document with a new cache: what a run costs
-/// whatever its size (starting, reading the pipeline, making the cache, writing and syncing
-/// the outputs, closing), which those figures spread over their calls. The client's figure
-/// counts its HTTP threads alone, so none of this is in it.
-fn fixed_cost_row(bench: &mut Bench, cpu_id: &str, calls: u64, concurrency: usize) -> Result<()> {
-    const RUNS: usize = 5;
-    let (document, chunks) = {
+/// Runs of one document that [`one_document_run`] takes the median of.
+const ONE_DOCUMENT_RUNS: usize = 5;
+
+/// Beside 2a and 2b, what a run costs whatever its size (starting, reading the pipeline,
+/// making the cache, writing and syncing the outputs, closing), which those figures spread
+/// over their calls; the client's figure counts its HTTP threads alone, so none of this is in
+/// it. The median CPU of runs of one document, each with a new cache, in seconds, and that
+/// document's calls.
+fn one_document_run(bench: &mut Bench) -> Result<(f64, usize)> {
+    let (document, calls) = {
         let corpus = bench.corpus()?;
         let first = &corpus.docs[0];
         (corpus.path(first), first.chunks)
     };
     // Answered at once: only the run's own cost, and its few calls', is left.
     bench.mock.set(Behavior::default());
-    let mut cpu = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
+    let mut cpu = Vec::with_capacity(ONE_DOCUMENT_RUNS);
+    for _ in 0..ONE_DOCUMENT_RUNS {
         bench.mock.reset();
         let cache = bench.cache_dir("cache-one-document")?;
         let out = bench.fresh_dir("out-one-document")?;
@@ -236,26 +252,13 @@ fn fixed_cost_row(bench: &mut Bench, cpu_id: &str, calls: u64, concurrency: usiz
                 .set("glob", document.display())
                 .set("out", out.display())
                 .set("base_url", bench.mock.base_url())
-                .set("concurrency", concurrency)
+                // Every call in flight at once, as at either figure's concurrency.
+                .set("concurrency", calls)
                 .flag("--no-cache"),
         )?;
         cpu.push(run.cpu.as_secs_f64());
     }
-    let run_cpu = median(&cpu, true);
-    bench.push(
-        Figure::new(
-            cpu_id,
-            format!(
-                "  a run of one document ({chunks} calls, replies at once, a new cache): CPU, median of {RUNS}; the same over this figure's calls"
-            ),
-        )
-        .info(format!(
-            "{:.1} ms; {:.1} µs per call",
-            run_cpu * 1e3,
-            run_cpu * 1e6 / calls.max(1) as f64
-        )),
-    );
-    Ok(())
+    Ok((median(&cpu, true), calls))
 }
 
 /// What 2a owes to the mock's idle between waves (64 replies within a few ms, then nothing

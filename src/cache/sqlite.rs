@@ -485,6 +485,9 @@ pub fn commit_before_abort() {
 impl Drop for DiskStore {
     /// Write what is pending before the process goes on to exit.
     fn drop(&mut self) {
+        // The readers close first, so that the writer's connection is the last: the last to
+        // close checkpoints the WAL, and a reader's handle would sync the folder once more.
+        drop(std::mem::take(&mut *lock(&self.readers)));
         // Never taken down: from here on the writer commits what it has without gathering.
         self.shared.waiting.fetch_add(1, Ordering::Relaxed);
         // The writer stops once no sender is left, the list's included.

@@ -139,6 +139,15 @@ pub fn summary(plan: &Plan, outcome: &RunOutcome) -> String {
         {
             let _ = writeln!(out, "  {:width$}  warning: {note}", "");
         }
+        for event in stage
+            .stats
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "  {:width$}  {event}", "");
+        }
         for (path, rows) in stage
             .stats
             .files

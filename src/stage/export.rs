@@ -289,12 +289,28 @@ static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 struct TempFile(Option<tempfile::NamedTempFile>);
 
 impl TempFile {
+    /// Made locked, and held so until renamed or removed: the lock goes with the process,
+    /// however it ends, so that a later run can tell what a killed one left
+    /// ([`remove_stale_temp_files`]).
     fn new_in(dir: &Path) -> std::io::Result<TempFile> {
-        let file = tempfile::Builder::new()
-            .prefix(".keg-tmp")
-            .tempfile_in(dir)?;
-        listed().push(file.path().to_owned());
-        Ok(TempFile(Some(file)))
+        loop {
+            let file = tempfile::Builder::new()
+                .prefix(TEMP_PREFIX)
+                .tempfile_in(dir)?;
+            // Where the file system has no locks, the file is written unlocked; no run can
+            // take a lock there either, so none removes it.
+            let _ = file.as_file().lock();
+            // Another run's sweep may have removed it between its making and its lock.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                if file.as_file().metadata()?.nlink() == 0 {
+                    continue;
+                }
+            }
+            listed().push(file.path().to_owned());
+            return Ok(TempFile(Some(file)));
+        }
     }
 
     fn file(&mut self) -> &mut tempfile::NamedTempFile {
@@ -328,6 +344,32 @@ fn unlist(path: &Path) {
     if let Some(at) = listed.iter().position(|p| p == path) {
         listed.swap_remove(at);
     }
+}
+
+/// How the temp files of outputs being written begin.
+const TEMP_PREFIX: &str = ".keg-tmp";
+
+/// Remove the temp files that runs no longer going left in `dir`: a run killed with SIGKILL,
+/// or stopped by a power cut, cannot remove its own. Each is told from one being written
+/// now by its lock (see [`TempFile::new_in`]); a file this cannot lock or open is left.
+/// Returns how many were removed.
+fn remove_stale_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let stale = entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(TEMP_PREFIX.as_bytes())
+            && entry.file_type().is_ok_and(|t| t.is_file())
+            && std::fs::File::open(entry.path()).is_ok_and(|file| file.try_lock().is_ok());
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Remove the temp files of the outputs being written, for a process about to abort on a
@@ -537,6 +579,17 @@ impl<'a> Streaming<'a> {
     fn open(&mut self) -> Result<&mut Open<'a>, StageError> {
         if self.open.is_none() {
             let compiled = self.stage.compile()?;
+            if self.write {
+                let dir = Path::new(&self.stage.config.dir);
+                let removed = remove_stale_temp_files(dir);
+                if removed > 0 {
+                    let files = if removed == 1 { "file" } else { "files" };
+                    self.cx.stats.event(format!(
+                        "removed {removed} temp {files} left in {} by a run that was killed",
+                        dir.display()
+                    ));
+                }
+            }
             // Every split named upstream gets a file, even an empty one, so that a split
             // that emptied out does not leave last run's file behind.
             let mut files = IndexMap::new();
@@ -848,6 +901,44 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o644);
         }
+    }
+
+    #[test]
+    fn temp_files_are_locked_while_written_and_only_unlocked_ones_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        // What a killed run leaves: a temp file no process holds.
+        std::fs::write(out.join(".keg-tmpKILLED"), b"half a row").unwrap();
+        // A temp file another run is writing now.
+        let mut live = Output::create(out.join("train.jsonl"), true);
+        live.make_file().unwrap();
+        let live_name = listing(out)
+            .into_iter()
+            .find(|n| n != ".keg-tmpKILLED")
+            .unwrap();
+        // Not temp files, or not files: left alone.
+        std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+        std::fs::create_dir(out.join(".keg-tmpdir")).unwrap();
+
+        // The live file's lock is held, as another open of it sees.
+        let other = std::fs::File::open(out.join(&live_name)).unwrap();
+        assert!(other.try_lock().is_err());
+        drop(other);
+
+        assert_eq!(remove_stale_temp_files(out), 1);
+        let mut left = vec![".keg-tmpdir".to_owned(), live_name, "notes.txt".to_owned()];
+        left.sort();
+        assert_eq!(listing(out), left);
+        // The live one is renamed into place whole after the sweep.
+        live.push(b"{\"a\":1}\n").unwrap();
+        commit(vec![live.finish().unwrap()]).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("train.jsonl")).unwrap(),
+            b"{\"a\":1}\n"
+        );
+        assert_eq!(remove_stale_temp_files(out), 0);
+        // A folder that is not there yet has nothing to sweep.
+        assert_eq!(remove_stale_temp_files(&out.join("none")), 0);
     }
 
     #[test]

@@ -438,6 +438,9 @@ pub struct StageStats {
     /// Inputs skipped by a documented rule (empty, binary … files; duplicates).
     pub skipped: AtomicU64,
     pub notes: Mutex<Vec<String>>,
+    /// What this run did besides the stage's work, told once: never kept in a snapshot, so
+    /// a later run that skips the stage does not tell it again.
+    pub events: Mutex<Vec<String>>,
     /// Files written, with their row counts.
     pub files: Mutex<Vec<(PathBuf, usize)>>,
 }
@@ -458,6 +461,13 @@ impl StageStats {
             .push(note);
     }
 
+    pub fn event(&self, event: String) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
+    }
+
     /// The counters as plain numbers, to be kept with a skipped document's results.
     pub fn snapshot(&self) -> StatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -475,6 +485,11 @@ impl StageStats {
             rejected: get(&self.rejected),
             skipped: get(&self.skipped),
             notes: self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            events: self
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             files: self.files.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
@@ -500,6 +515,10 @@ impl StageStats {
         if !s.notes.is_empty() {
             let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
             notes.extend(s.notes.iter().cloned());
+        }
+        if !s.events.is_empty() {
+            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.extend(s.events.iter().cloned());
         }
         if !s.files.is_empty() {
             let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
@@ -539,6 +558,9 @@ pub struct StatsSnapshot {
     pub skipped: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Not stored: see [`StageStats::events`].
+    #[serde(skip)]
+    pub events: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<(PathBuf, usize)>,
 }
@@ -558,6 +580,7 @@ impl StatsSnapshot {
             tokens_in: 0,
             tokens_out: 0,
             cost_nanos: 0,
+            events: Vec::new(),
             ..self.clone()
         }
     }
@@ -773,14 +796,25 @@ mod tests {
         StageStats::add(&stats.to_run, 2);
         StageStats::add(&stats.cached, 1);
         StageStats::add(&stats.tokens_in, 40);
+        stats.event("removed a file".to_owned());
         let snapshot = stats.snapshot();
+        // An event goes on to the run's totals, but is not stored.
+        let run = StageStats::default();
+        run.absorb(&snapshot);
+        assert_eq!(*run.events.lock().unwrap(), ["removed a file"]);
         let stored = serde_json::to_string(&snapshot).unwrap();
         assert_eq!(
             stored,
             r#"{"items":3,"cached":1,"to_run":2,"tokens_in":40}"#
         );
         let back: StatsSnapshot = serde_json::from_str(&stored).unwrap();
-        assert_eq!(back, snapshot);
+        assert_eq!(
+            back,
+            StatsSnapshot {
+                events: Vec::new(),
+                ..snapshot
+            }
+        );
         let replayed = back.replayed();
         assert_eq!(
             (replayed.cached, replayed.to_run, replayed.tokens_in),

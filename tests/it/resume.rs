@@ -137,3 +137,71 @@ fn two_runs_sharing_one_cache_at_once_do_not_corrupt_it() {
         std::fs::read(ws.path("out-a/train.jsonl")).unwrap()
     );
 }
+
+/// The temp files in `out` that outputs are written to before being renamed into place.
+fn temp_files(ws: &Workspace) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(ws.path("out")) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".keg-tmp"))
+        .collect()
+}
+
+#[test]
+fn the_temp_file_a_killed_run_was_writing_is_removed_by_the_next_run() {
+    let ws = Workspace::new();
+    let topics: Vec<String> = (0..30).map(|i| format!("topic{i:02}")).collect();
+    for topic in &topics {
+        ws.write(&format!("docs/{topic}.md"), sample_doc(topic));
+    }
+    let mock = MockLlm::start(Behavior {
+        latency: Duration::from_millis(30),
+        ..Behavior::default()
+    });
+    // About 50 pairs a call, so that `train.jsonl` outgrows export's buffer (256 KB) and is
+    // written to its temp file while later documents are still waiting for their calls.
+    let mut args = ws.docs_qa_args(&mock, "run");
+    for set in ["concurrency=2", "pairs_per_1000_chars=200"] {
+        args.extend(["--set".to_owned(), set.to_owned()]);
+    }
+    let mut child = ws.spawn_keg(&args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while temp_files(&ws).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before writing a temp file"
+        );
+        assert!(Instant::now() < deadline, "no temp file was made");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to remove its temp files
+    child.wait().unwrap();
+    let left = temp_files(&ws);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!ws.path("out/train.jsonl").exists());
+
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = ws.keg(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("removed 1 temp file left in out by a run that was killed"),
+        "{err}"
+    );
+    assert_eq!(temp_files(&ws), Vec::<String>::new());
+    let rows = ws.read("out/train.jsonl").lines().count()
+        + ws.read("out/valid.jsonl").lines().count()
+        + ws.read("out/test.jsonl").lines().count();
+    assert!(rows > 4_000, "{rows} rows");
+
+    // A run with nothing to remove says nothing of it.
+    let output = ws.keg(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        !stderr(&output).contains("temp file"),
+        "{}",
+        stderr(&output)
+    );
+}

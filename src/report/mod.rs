@@ -130,23 +130,11 @@ pub fn summary(plan: &Plan, outcome: &RunOutcome) -> String {
             stage.kind,
             stage_line(stage, &outcome.rejects)
         );
-        for note in stage
-            .stats
-            .notes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(out, "  {:width$}  warning: {note}", "");
-        }
-        for event in stage
-            .stats
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(out, "  {:width$}  {event}", "");
+        let notes = stage.stats.notes.lock().unwrap_or_else(|e| e.into_inner());
+        let events = stage.stats.events.lock().unwrap_or_else(|e| e.into_inner());
+        let told = notes.iter().map(|note| ("warning: ", note));
+        for (label, text) in told.chain(events.iter().map(|event| ("", event))) {
+            let _ = writeln!(out, "  {:width$}  {label}{text}", "");
         }
         for (path, rows) in stage
             .stats

@@ -438,8 +438,9 @@ pub struct StageStats {
     /// Inputs skipped by a documented rule (empty, binary … files; duplicates).
     pub skipped: AtomicU64,
     pub notes: Mutex<Vec<String>>,
-    /// What this run did besides the stage's work, told once: never kept in a snapshot, so
-    /// a later run that skips the stage does not tell it again.
+    /// What this run did besides the stage's work, told once: a snapshot carries them to the
+    /// run's totals but never stores them, so a later run that skips the stage does not
+    /// tell them again.
     pub events: Mutex<Vec<String>>,
     /// Files written, with their row counts.
     pub files: Mutex<Vec<(PathBuf, usize)>>,
@@ -580,7 +581,6 @@ impl StatsSnapshot {
             tokens_in: 0,
             tokens_out: 0,
             cost_nanos: 0,
-            events: Vec::new(),
             ..self.clone()
         }
     }

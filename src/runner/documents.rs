@@ -619,6 +619,9 @@ impl Run<'_> {
             let planned = &plan.stages[pos];
             let stats = StageStats::default();
             stats.absorb(&memo.stats.replayed());
+            if shared.mode == Mode::Run {
+                planned.stage.unchanged(&stats);
+            }
             self.outcomes[pos] = Some(StageOutcome {
                 unchanged: true,
                 ..StageOutcome::of(planned, memo.records_in, memo.records_out, stats)

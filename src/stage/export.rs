@@ -372,6 +372,18 @@ fn remove_stale_temp_files(dir: &Path) -> usize {
     removed
 }
 
+/// Remove the stale temp files in `dir` ([`remove_stale_temp_files`]) and say so in `stats`.
+fn sweep(dir: &Path, stats: &StageStats) {
+    let removed = remove_stale_temp_files(dir);
+    if removed > 0 {
+        let files = if removed == 1 { "file" } else { "files" };
+        stats.event(format!(
+            "removed {removed} temp {files} left in {} by a run that was killed",
+            dir.display()
+        ));
+    }
+}
+
 /// Remove the temp files of the outputs being written, for a process about to abort on a
 /// panic: release builds do not unwind (`Cargo.toml`), so no temp file is dropped and each
 /// would stay in its output folder. Does nothing when the list is held (a panic while a temp
@@ -535,6 +547,10 @@ impl Stage for Export {
     fn stream<'a>(&'a self, cx: StageContext<'a>) -> Option<Box<dyn Streamed + 'a>> {
         Some(Box::new(self.streaming(cx)))
     }
+
+    fn unchanged(&self, stats: &StageStats) {
+        sweep(Path::new(&self.config.dir), stats);
+    }
 }
 
 impl Export {
@@ -580,15 +596,7 @@ impl<'a> Streaming<'a> {
         if self.open.is_none() {
             let compiled = self.stage.compile()?;
             if self.write {
-                let dir = Path::new(&self.stage.config.dir);
-                let removed = remove_stale_temp_files(dir);
-                if removed > 0 {
-                    let files = if removed == 1 { "file" } else { "files" };
-                    self.cx.stats.event(format!(
-                        "removed {removed} temp {files} left in {} by a run that was killed",
-                        dir.display()
-                    ));
-                }
+                sweep(Path::new(&self.stage.config.dir), self.cx.stats);
             }
             // Every split named upstream gets a file, even an empty one, so that a split
             // that emptied out does not leave last run's file behind.

@@ -99,6 +99,11 @@ pub trait Stage: Send + Sync {
     fn list<'a>(&'a self, _cx: StageContext<'a>) -> Option<Box<dyn Listing + 'a>> {
         None
     }
+
+    /// In a run that writes, when the runner leaves the stage's files as an earlier run
+    /// wrote them (nothing it reads changed): tidy what a killed run left beside them, and
+    /// tell it in `stats` (export removes its stale temp files).
+    fn unchanged(&self, _stats: &StageStats) {}
 }
 
 /// A source stage's documents, in order, each read only when the runner takes it: only the

@@ -149,8 +149,10 @@ fn temp_files(ws: &Workspace) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn the_temp_file_a_killed_run_was_writing_is_removed_by_the_next_run() {
+/// A workspace of 30 documents, and the arguments of a run against `mock` that asks about
+/// 50 pairs a call, so that `train.jsonl` outgrows export's buffer (256 KB) and is written to
+/// its temp file while later documents are still waiting for their calls.
+fn many_pairs(mock: &MockLlm) -> (Workspace, Vec<String>) {
     let ws = Workspace::new();
     for i in 0..30 {
         ws.write(
@@ -158,19 +160,19 @@ fn the_temp_file_a_killed_run_was_writing_is_removed_by_the_next_run() {
             sample_doc(&format!("topic{i:02}")),
         );
     }
-    let mock = MockLlm::start(Behavior {
-        latency: Duration::from_millis(30),
-        ..Behavior::default()
-    });
-    // About 50 pairs a call, so that `train.jsonl` outgrows export's buffer (256 KB) and is
-    // written to its temp file while later documents are still waiting for their calls.
-    let mut args = ws.docs_qa_args(&mock, "run");
+    let mut args = ws.docs_qa_args(mock, "run");
     for set in ["concurrency=2", "pairs_per_1000_chars=200"] {
         args.extend(["--set".to_owned(), set.to_owned()]);
     }
-    let mut child = ws.spawn_keg(&args);
+    (ws, args)
+}
+
+/// Start a run, wait until it writes an output's temp file, and kill it with SIGKILL, which
+/// gives it no chance to remove the file. Returns the file's name.
+fn kill_while_writing(ws: &Workspace, args: &[String]) -> String {
+    let mut child = ws.spawn_keg(args);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while temp_files(&ws).is_empty() {
+    while temp_files(ws).is_empty() {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the run ended before writing a temp file"
@@ -178,10 +180,25 @@ fn the_temp_file_a_killed_run_was_writing_is_removed_by_the_next_run() {
         assert!(Instant::now() < deadline, "no temp file was made");
         std::thread::sleep(Duration::from_millis(5));
     }
-    child.kill().unwrap(); // SIGKILL: no chance to remove its temp files
+    child.kill().unwrap();
     child.wait().unwrap();
-    let left = temp_files(&ws);
+    let mut left = temp_files(ws);
     assert_eq!(left.len(), 1, "{left:?}");
+    left.remove(0)
+}
+
+fn slow_mock() -> MockLlm {
+    MockLlm::start(Behavior {
+        latency: Duration::from_millis(30),
+        ..Behavior::default()
+    })
+}
+
+#[test]
+fn the_temp_file_a_killed_run_was_writing_is_removed_by_the_next_run() {
+    let mock = slow_mock();
+    let (ws, args) = many_pairs(&mock);
+    kill_while_writing(&ws, &args);
     assert!(!ws.path("out/train.jsonl").exists());
 
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -206,4 +223,41 @@ fn the_temp_file_a_killed_run_was_writing_is_removed_by_the_next_run() {
         "{}",
         stderr(&output)
     );
+}
+
+const OUTPUTS: [&str; 5] = [
+    "out/train.jsonl",
+    "out/valid.jsonl",
+    "out/test.jsonl",
+    "out/rejects.jsonl",
+    "out/manifest.json",
+];
+
+#[test]
+fn a_run_that_leaves_the_outputs_as_they_were_still_removes_a_killed_runs_temp_file() {
+    let mock = slow_mock();
+    let (ws, args) = many_pairs(&mock);
+    let first: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_success(&ws.keg(&first));
+    let outputs = OUTPUTS.map(|name| ws.read(name));
+
+    // Another model: every call is new, and the run is killed while writing the outputs.
+    let mut other = args.clone();
+    let model = other.iter().position(|a| a == "model=m").unwrap();
+    other[model] = "model=m2".to_owned();
+    kill_while_writing(&ws, &other);
+
+    // Back to the first model: every document and the later stages' files are as the first
+    // run left them, so export is skipped; the temp file goes all the same.
+    let output = ws.keg(&first);
+    assert_success(&output);
+    let err = stderr(&output);
+    assert!(err.contains("unchanged"), "{err}");
+    assert!(
+        err.contains("removed 1 temp file left in out by a run that was killed"),
+        "{err}"
+    );
+    assert_eq!(temp_files(&ws), Vec::<String>::new());
+    let now = OUTPUTS.map(|name| ws.read(name));
+    assert!(outputs == now, "the outputs changed");
 }

@@ -2,6 +2,7 @@
 //! Golden tests pin the digests so a key cannot change by accident; bump the version when it
 //! should.
 
+use crate::lock;
 use crate::record::CanonicalWriter;
 
 /// The bucket LLM calls are stored in; its suffix follows [`CALL_KEY_VERSION`].
@@ -64,7 +65,7 @@ impl CallKey<'_> {
     /// it, and hashing on from the hasher's state after a start of the key's bytes that
     /// `starts` remembers: the same digest, without hashing those bytes again.
     pub fn digest_with(&self, starts: &KeyStarts) -> blake3::Hash {
-        let mut starts = starts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut starts = lock(&starts.0);
         let rest = starts.rest_of(self);
         let messages = self.messages_bytes();
         if KEY_HEAD_V2.len() + rest.as_bytes().len() + messages.len() >= 2 * CHUNK {

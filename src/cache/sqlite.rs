@@ -14,13 +14,14 @@ use foldhash::{HashMap, HashMapExt};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::Store;
+use crate::lock;
 
 /// The database in a cache folder. The name carries the layout's version: layout 1 was one
 /// file per entry, `<bucket>/<2 hex>/<64 hex>`; layout 2 was one table keyed by (bucket,
@@ -981,10 +982,6 @@ fn copy_layout_2(conn: &mut Connection) -> rusqlite::Result<()> {
 
 fn sql(err: rusqlite::Error) -> io::Error {
     io::Error::other(err)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

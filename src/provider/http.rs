@@ -20,6 +20,8 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::lock;
+
 /// How long opening a connection may take before the attempt fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -276,7 +278,7 @@ impl Pool {
     /// probe rarely costs a system call: the runtime knows a connection is not readable
     /// once a read came back short, as the answer's last read does, until something arrives.
     fn take(&self) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = lock(&self.idle);
         while let Some(connection) = idle.pop() {
             let mut probe = [0; 1];
             if let Err(err) = connection.stream.try_read(&mut probe)
@@ -289,7 +291,7 @@ impl Pool {
     }
 
     fn give_back(&self, connection: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = lock(&self.idle);
         if idle.len() < self.keep {
             idle.push(connection);
         }

@@ -11,6 +11,8 @@ use std::sync::Mutex;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::Semaphore;
 
+use crate::lock;
+
 pub struct Limits {
     window: Window,
     requests: Option<DefaultDirectRateLimiter>,
@@ -97,7 +99,7 @@ impl Window {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, WindowState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn size(&self) -> usize {

@@ -20,6 +20,8 @@ use tokio::sync::Semaphore;
 
 use limits::Limits;
 
+use crate::lock;
+
 /// A provider as written under `providers:` in a pipeline.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -458,7 +460,7 @@ impl Provider {
 
     /// The frame of a body whose messages are written in apart, made once per token budget.
     fn frame_for(&self, max_tokens: Option<u32>, schema: bool) -> Arc<Frame> {
-        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let mut frames = lock(&self.frames);
         if let Some(frame) = frames.get(&(max_tokens, schema)) {
             return frame.clone();
         }

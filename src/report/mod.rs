@@ -6,6 +6,7 @@ use std::fmt::Write;
 use serde_json::{Value as Json, json};
 
 use crate::config::Plan;
+use crate::lock;
 use crate::runner::{RunOutcome, StageOutcome};
 use crate::stage::{Reject, StageStats};
 
@@ -130,19 +131,13 @@ pub fn summary(plan: &Plan, outcome: &RunOutcome) -> String {
             stage.kind,
             stage_line(stage, &outcome.rejects)
         );
-        let notes = stage.stats.notes.lock().unwrap_or_else(|e| e.into_inner());
-        let events = stage.stats.events.lock().unwrap_or_else(|e| e.into_inner());
+        let notes = lock(&stage.stats.notes);
+        let events = lock(&stage.stats.events);
         let told = notes.iter().map(|note| ("warning: ", note));
         for (label, text) in told.chain(events.iter().map(|event| ("", event))) {
             let _ = writeln!(out, "  {:width$}  {label}{text}", "");
         }
-        for (path, rows) in stage
-            .stats
-            .files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for (path, rows) in lock(&stage.stats.files).iter() {
             // Files an earlier run wrote from the same inputs are left as they are.
             let verb = if stage.unchanged {
                 "unchanged"

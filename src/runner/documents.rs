@@ -27,6 +27,7 @@ use crate::cache::memo::{
     StageMemo, usage_memo, usage_restore,
 };
 use crate::config::Plan;
+use crate::lock;
 use crate::record::{Record, canonical_hash};
 use crate::stage::{
     Listed, Mode, Partition, Reject, RunShared, SkipDocument, StageContext, StageError, StageStats,
@@ -231,10 +232,7 @@ impl Run<'_> {
             let Some(entry) = entry else {
                 return false;
             };
-            kept_entries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(source.to_owned(), entry);
+            lock(&kept_entries).insert(source.to_owned(), entry);
             true
         };
         let skip: Option<&SkipDocument> = if shared.read_cache {
@@ -337,9 +335,7 @@ impl Run<'_> {
                 match ahead.pop_front()? {
                     Listed::Passed => bar.dec_length(1),
                     Listed::Kept { source, digest } => {
-                        let entry = kept_entries
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
+                        let entry = lock(&kept_entries)
                             .remove(&source)
                             .expect("`is_kept` stores the entry of each document it keeps");
                         keys.push(key(&source, &digest));
@@ -570,8 +566,8 @@ impl Run<'_> {
             }
             self.outcomes[pos] = Some(StageOutcome::of(planned, records_in, records_out, stats));
         }
-        let mut rejects = shared.rejects.lock().unwrap_or_else(|e| e.into_inner());
-        let mut usage = shared.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rejects = lock(&shared.rejects);
+        let mut usage = lock(&shared.usage);
         for doc in documents {
             match doc {
                 Document::Kept(entry) => {
@@ -627,7 +623,7 @@ impl Run<'_> {
                 ..StageOutcome::of(planned, memo.records_in, memo.records_out, stats)
             });
         }
-        let mut rejects = shared.rejects.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rejects = lock(&shared.rejects);
         rejects.extend(entry.rejects.iter().map(RejectMemo::restore));
         true
     }
@@ -661,10 +657,7 @@ impl Run<'_> {
             .iter()
             .map(|&p| plan.stages[p].name.as_str())
             .collect();
-        let rejects = shared
-            .rejects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let rejects = lock(&shared.rejects)
             .iter()
             .filter(|r| rest_names.contains(&r.stage.as_str()))
             .map(RejectMemo::of)

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::cache::DiskStore;
 use crate::config::Plan;
 use crate::config::plan::PlannedStage;
+use crate::lock;
 use crate::record::Record;
 use crate::stage::{Mode, Reject, RunShared, StageContext, StageError, StageStats};
 
@@ -140,7 +141,7 @@ pub async fn execute(plan: &Plan, options: &RunOptions) -> Result<RunOutcome, Ru
         }),
         (result, _) => result,
     };
-    let rejects = std::mem::take(&mut *shared.rejects.lock().unwrap_or_else(|e| e.into_inner()));
+    let rejects = std::mem::take(&mut *lock(&shared.rejects));
     let documents_skipped = run.documents_skipped;
     let stages = run.outcomes.into_iter().flatten().collect();
     // The last stages' records live until the process exits, which frees them at once;

@@ -21,6 +21,7 @@ use super::{
     template_context,
 };
 use crate::config::Diagnostic;
+use crate::lock;
 use crate::record::{Record, write_json_str};
 use crate::template::{Expression, Template, Templates};
 
@@ -336,7 +337,7 @@ impl Drop for TempFile {
 }
 
 fn listed() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
-    TEMP_FILES.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&TEMP_FILES)
 }
 
 fn unlist(path: &Path) {
@@ -662,11 +663,7 @@ impl Streamed for Streaming<'_> {
             return Ok(());
         };
         let dir = Path::new(&stage.config.dir);
-        let mut rejects: Vec<Reject> = cx
-            .shared
-            .rejects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut rejects: Vec<Reject> = lock(&cx.shared.rejects)
             .iter()
             .filter(|r| r.stage == cx.name || cx.ancestors.contains(&r.stage))
             .cloned()
@@ -698,12 +695,7 @@ impl Streamed for Streaming<'_> {
         }
         finished.push(rejects_file.finish()?);
 
-        let documents = cx
-            .shared
-            .documents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let documents = lock(&cx.shared.documents).clone();
         let manifest = json!({
             "version": 1,
             "pipeline": cx.shared.pipeline_name,
@@ -712,7 +704,7 @@ impl Streamed for Streaming<'_> {
             "models": cx.shared.models,
             "splits": splits,
             "rejects": rejects.len(),
-            "usage": *cx.shared.usage.lock().unwrap_or_else(|e| e.into_inner()),
+            "usage": *lock(&cx.shared.usage),
             "documents": documents,
         });
         if !write {
@@ -726,11 +718,7 @@ impl Streamed for Streaming<'_> {
         finished.push(manifest_file.finish()?);
 
         let written = commit(finished)?;
-        cx.stats
-            .files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(written);
+        lock(&cx.stats.files).extend(written);
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ use crate::cache::memo::{
     FILE_INDEX_BUCKET, FileFacts, FileIndex, FileIndexKey, MEMO_KEY_VERSION, MemoKey,
 };
 use crate::config::Diagnostic;
+use crate::lock;
 use crate::record::{Lineage, Record};
 
 pub const KIND: Kind = Kind {
@@ -470,11 +471,7 @@ impl Listing for Reading<'_> {
                     .join(", ")
             )));
         }
-        cx.shared
-            .documents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(self.documents);
+        lock(&cx.shared.documents).extend(self.documents);
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ use serde_json::Value as Json;
 
 use crate::cache::Store;
 use crate::config::{Diagnostic, Loc, PipelineFile, RawStage};
+use crate::lock;
 use crate::provider::{CallError, Provider};
 use crate::record::{Lineage, Record};
 use crate::template::{TemplateError, Templates};
@@ -461,17 +462,11 @@ impl StageStats {
     }
 
     pub fn note(&self, note: String) {
-        self.notes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(note);
+        lock(&self.notes).push(note);
     }
 
     pub fn event(&self, event: String) {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(event);
+        lock(&self.events).push(event);
     }
 
     /// The counters as plain numbers, to be kept with a skipped document's results.
@@ -490,13 +485,9 @@ impl StageStats {
             cost_nanos: get(&self.cost_nanos),
             rejected: get(&self.rejected),
             skipped: get(&self.skipped),
-            notes: self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            events: self
-                .events
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-            files: self.files.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            notes: lock(&self.notes).clone(),
+            events: lock(&self.events).clone(),
+            files: lock(&self.files).clone(),
         }
     }
 
@@ -519,15 +510,15 @@ impl StageStats {
             Self::add(counter, n);
         }
         if !s.notes.is_empty() {
-            let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut notes = lock(&self.notes);
             notes.extend(s.notes.iter().cloned());
         }
         if !s.events.is_empty() {
-            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            let mut events = lock(&self.events);
             events.extend(s.events.iter().cloned());
         }
         if !s.files.is_empty() {
-            let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            let mut files = lock(&self.files);
             files.extend(s.files.iter().cloned());
         }
     }
@@ -664,23 +655,20 @@ impl StageContext<'_> {
             }
             r
         });
-        self.rejects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Reject {
-                stage: self.name.to_owned(),
-                code: Cow::Borrowed(code),
-                source: lineage.source.to_string(),
-                lineage: lineage.display(),
-                reason,
-                reply,
-                order: lineage.clone(),
-            });
+        lock(self.rejects).push(Reject {
+            stage: self.name.to_owned(),
+            code: Cow::Borrowed(code),
+            source: lineage.source.to_string(),
+            lineage: lineage.display(),
+            reason,
+            reply,
+            order: lineage.clone(),
+        });
     }
 
     /// Count a reply read (sent now or cached) towards the usage behind the outputs.
     pub fn count_usage(&self, provider: &str, reply: &crate::provider::Reply) {
-        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut usage = lock(self.usage);
         usage
             .entry(provider.to_owned())
             .or_default()

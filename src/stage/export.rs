@@ -523,7 +523,37 @@ fn commit(outputs: Vec<Finished>) -> Result<Vec<(PathBuf, usize)>, StageError> {
             written.push((output.path, output.rows));
         }
     }
+    let mut folders: Vec<&Path> = written.iter().filter_map(|(p, _)| p.parent()).collect();
+    folders.sort_unstable();
+    folders.dedup();
+    for folder in folders {
+        sync_folder(folder).map_err(|e| StageError::io(folder, e))?;
+    }
     Ok(written)
+}
+
+/// Make the renames into `folder` last: each file's bytes were synced before its rename,
+/// but until its folder is, a power cut may bring back the file it replaced, and a run that
+/// reported success would have left last run's outputs. A file system that cannot sync a
+/// folder says so with `EINVAL`, which is no error here.
+#[cfg(unix)]
+fn sync_folder(folder: &Path) -> std::io::Result<()> {
+    let folder = if folder.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        folder
+    };
+    match std::fs::File::open(folder)?.sync_all() {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        done => done,
+    }
+}
+
+/// Elsewhere (Windows) a folder cannot be opened as a file to sync it; the renames are left
+/// to the file system.
+#[cfg(not(unix))]
+fn sync_folder(_folder: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 impl Stage for Export {

@@ -534,8 +534,9 @@ fn commit(outputs: Vec<Finished>) -> Result<Vec<(PathBuf, usize)>, StageError> {
 
 /// Make the renames into `folder` last: each file's bytes were synced before its rename,
 /// but until its folder is, a power cut may bring back the file it replaced, and a run that
-/// reported success would have left last run's outputs. A file system that cannot sync a
-/// folder says so with `EINVAL`, which is no error here.
+/// reported success would have left last run's outputs. A folder this process may write in
+/// but not read cannot be opened to sync it, and a file system that cannot sync a folder
+/// says so with `EINVAL`: both are left as the renames left them, with no error.
 #[cfg(unix)]
 fn sync_folder(folder: &Path) -> std::io::Result<()> {
     let folder = if folder.as_os_str().is_empty() {
@@ -543,7 +544,10 @@ fn sync_folder(folder: &Path) -> std::io::Result<()> {
     } else {
         folder
     };
-    match std::fs::File::open(folder)?.sync_all() {
+    let Ok(handle) = std::fs::File::open(folder) else {
+        return Ok(());
+    };
+    match handle.sync_all() {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
         done => done,
     }

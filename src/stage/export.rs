@@ -285,6 +285,21 @@ impl Hashing {
 /// listed when it is made, and taken off when it is renamed into place or removed.
 static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// Whether another run's sweep removed this temp file between its making and its lock: it
+/// has no name left. Only unix tells that of an open file; elsewhere it is taken as not.
+fn swept(file: &std::fs::File) -> std::io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(file.metadata()?.nlink() == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok(false)
+    }
+}
+
 /// An output's temp file beside it, removed when dropped unless renamed into place, and
 /// listed in [`TEMP_FILES`] until then.
 struct TempFile(Option<tempfile::NamedTempFile>);
@@ -301,13 +316,8 @@ impl TempFile {
             // Where the file system has no locks, the file is written unlocked; no run can
             // take a lock there either, so none removes it.
             let _ = file.as_file().lock();
-            // Another run's sweep may have removed it between its making and its lock.
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::MetadataExt;
-                if file.as_file().metadata()?.nlink() == 0 {
-                    continue;
-                }
+            if swept(file.as_file())? {
+                continue;
             }
             listed().push(file.path().to_owned());
             return Ok(TempFile(Some(file)));

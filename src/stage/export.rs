@@ -286,18 +286,17 @@ impl Hashing {
 static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Whether another run's sweep removed this temp file between its making and its lock: it
-/// has no name left. Only unix tells that of an open file; elsewhere it is taken as not.
+/// has no name left.
+#[cfg(unix)]
 fn swept(file: &std::fs::File) -> std::io::Result<bool> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Ok(file.metadata()?.nlink() == 0)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = file;
-        Ok(false)
-    }
+    use std::os::unix::fs::MetadataExt;
+    Ok(file.metadata()?.nlink() == 0)
+}
+
+/// Elsewhere an open file does not tell how many names it has; it is taken as not swept.
+#[cfg(not(unix))]
+fn swept(_file: &std::fs::File) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 /// An output's temp file beside it, removed when dropped unless renamed into place, and

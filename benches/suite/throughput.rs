@@ -177,6 +177,23 @@ pub fn fixed_latency(bench: &mut Bench) -> Result<()> {
         if runs > 1 {
             bench.push(each_run(cpu_id, "µs per call", &keg_cpu, &base_cpu, 1));
         }
+        // The machine's speed moves both figures of a pair alike, so their difference is
+        // what `keg` itself adds to the HTTP, whatever the hour (BENCHMARKS.md, "What is
+        // left", item 1).
+        let above: Vec<f64> = keg_cpu.iter().zip(&base_cpu).map(|(k, c)| k - c).collect();
+        let fixed_per_call = fixed_cpu * 1e6 / calls.max(1) as f64;
+        bench.push(
+            Figure::new(
+                cpu_id,
+                "  keg above the client, run by run: median (lowest to highest); the part of it that is a run's fixed cost",
+            )
+            .info(format!(
+                "{:.1} µs ({:.1} to {:.1}); {fixed_per_call:.1} µs",
+                median(&above, true),
+                above.iter().copied().fold(f64::INFINITY, f64::min),
+                above.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            )),
+        );
         let (run, window) = (&middle.run, &middle.window);
         let that = if runs > 1 {
             "the median run"
